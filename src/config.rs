@@ -25,6 +25,8 @@ pub struct Config {
     pub api_token: Option<String>,
     pub docker: DockerConfig,
     pub reconcile: ReconcileConfig,
+    pub metrics: MetricsConfig,
+    pub prune: PruneConfig,
 }
 
 impl Default for Config {
@@ -36,6 +38,8 @@ impl Default for Config {
             api_token: None,
             docker: DockerConfig::default(),
             reconcile: ReconcileConfig::default(),
+            metrics: MetricsConfig::default(),
+            prune: PruneConfig::default(),
         }
     }
 }
@@ -81,6 +85,52 @@ impl Default for ReconcileConfig {
             resync_interval: Duration::from_secs(5),
             soft_terminate_grace: Duration::from_secs(30),
             startup_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The resource sampler (`metrics_samples`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Time between two samples of every running backend.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Samples older than this are deleted, a batch at a time, on every tick.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+            retention: Duration::from_secs(24 * 60 * 60),
+        }
+    }
+}
+
+/// Removal of finished backends' containers and of idle images drover pulled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PruneConfig {
+    /// Time between two prune passes.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// A container goes this long after its exit (not its creation); an
+    /// image this long after a backend last used it.
+    #[serde(with = "humantime_serde")]
+    pub min_age: Duration,
+    /// Also remove images drover pulled (never others).
+    pub images: bool,
+}
+
+impl Default for PruneConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(60),
+            min_age: Duration::from_secs(10 * 60),
+            images: false,
         }
     }
 }
@@ -194,6 +244,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("startup_timeout") || err.contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn metrics_keys_default_and_parse() {
+        let defaults = Config::default().metrics;
+        assert_eq!(defaults.interval, Duration::from_secs(10));
+        assert_eq!(defaults.retention, Duration::from_secs(86_400));
+        let config = Config::from_toml(
+            "[metrics]\ninterval = \"300ms\"\nretention = \"2s\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(config.metrics.interval, Duration::from_millis(300));
+        assert_eq!(config.metrics.retention, Duration::from_secs(2));
+        let err = Config::from_toml("[metrics]\nintervals = \"1s\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("intervals"), "{err}");
+    }
+
+    #[test]
+    fn prune_keys_default_and_parse() {
+        let defaults = Config::default().prune;
+        assert_eq!(defaults.interval, Duration::from_secs(60));
+        assert_eq!(defaults.min_age, Duration::from_secs(600));
+        assert!(!defaults.images);
+        let documented = Config::from_toml(include_str!("../config/drover.toml"), Path::new("drover.toml"))
+            .unwrap()
+            .prune;
+        assert_eq!(documented, defaults);
+        let config = Config::from_toml(
+            "[prune]\ninterval = \"200ms\"\nmin_age = \"1s\"\nimages = true\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(config.prune.interval, Duration::from_millis(200));
+        assert_eq!(config.prune.min_age, Duration::from_secs(1));
+        assert!(config.prune.images);
+        let err = Config::from_toml("[prune]\nmin_agee = \"1s\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("min_agee"), "{err}");
     }
 
     #[test]

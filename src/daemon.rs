@@ -9,12 +9,16 @@ use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::docker::{DockerClient, DockerError};
 use crate::executor::{Executor, ExecutorSettings};
-use crate::reconciler::{Reconciler, ReconcilerSettings};
+use crate::metrics::{MetricsFeed, Sampler};
+use crate::reconciler::{Reconciler, ReconcilerSettings, ReconcilerStatus};
+use crate::runtime::MetricsSubscribers;
 use crate::store::{Store, StoreError};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -53,34 +57,18 @@ pub async fn serve(
     docker: DockerClient,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
-    let executor = Executor {
-        store: store.clone(),
-        docker: docker.clone(),
-        settings: ExecutorSettings::from_config(&config),
-    };
-    let reconciler = Reconciler::new(
-        executor,
-        ReconcilerSettings {
-            resync_interval: config.reconcile.resync_interval,
-        },
-    );
-    let status = reconciler.status();
-    status.docker_up.store(true, Ordering::Relaxed);
+    let background = Background::start(&config, &store, &docker);
     let state = ApiState {
         store: store.clone(),
         config: Arc::new(config.clone()),
-        reconciler: status,
+        reconciler: background.reconciler.clone(),
         docker_endpoint: docker.endpoint().to_string(),
+        shutdown: background.stop_signal(),
+        docker: docker.clone(),
+        telemetry: api::metrics::Telemetry::new(background.samples.clone()),
+        prune: background.prune.clone(),
     };
     let addr = listener.local_addr().map_err(DaemonError::Serve)?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let loop_stop = {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
-    let reconcile = tokio::spawn(reconciler.run(loop_stop));
     tracing::info!(
         listen = %addr,
         instance = store.instance_id(),
@@ -88,20 +76,100 @@ pub async fn serve(
         docker = docker.endpoint(),
         "drover serving"
     );
-    let api_stop = {
-        let mut rx = stop_rx;
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
-    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(api_stop);
-    let trigger = async move {
+    let server =
+        axum::serve(listener, api::router(state)).with_graceful_shutdown(background.stopped());
+    let trigger = async {
         shutdown.await;
         tracing::info!("shutting down; containers are left running");
-        let _ = stop_tx.send(true);
+        background.request_stop();
     };
     let (served, ()) = tokio::join!(async { server.await }, trigger);
-    let _ = reconcile.await;
+    background.stop().await;
     store.close().await;
     served.map_err(DaemonError::Serve)
+}
+
+/// The daemon's background work on an open store and Docker client (the
+/// reconcile loop), started and stopped together. `serve` and the in-process
+/// [`crate::runtime::DroverRuntime`] both run it, so an embedded drover is
+/// wired exactly like the daemon.
+pub struct Background {
+    pub reconciler: Arc<ReconcilerStatus>,
+    /// Receivers of metrics samples (the runtime facade's `metrics_callback`).
+    pub metrics: MetricsSubscribers,
+    /// The resource sampler's output: every sample appended to `metrics_samples`.
+    pub samples: MetricsFeed,
+    /// Asks the prune task for a pass now.
+    pub prune: crate::prune::PruneHandle,
+    stop_tx: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Background {
+    /// Starts the background tasks; they run until [`Self::stop`].
+    pub fn start(config: &Config, store: &Store, docker: &DockerClient) -> Self {
+        let (stop_tx, _) = watch::channel(false);
+        let mut prune_stop = stop_tx.subscribe();
+        let (prune, prune_task) = crate::prune::spawn(store.clone(), docker.clone(), &config.prune, async move {
+            let _ = prune_stop.wait_for(|stop| *stop).await;
+        });
+        let mut background = Self {
+            reconciler: Arc::default(),
+            metrics: MetricsSubscribers::default(),
+            samples: MetricsFeed::default(),
+            prune,
+            stop_tx,
+            tasks: vec![prune_task],
+        };
+        let executor = Executor {
+            store: store.clone(),
+            docker: docker.clone(),
+            settings: ExecutorSettings::from_config(config),
+        };
+        let reconciler = Reconciler::new(
+            executor,
+            ReconcilerSettings {
+                resync_interval: config.reconcile.resync_interval,
+            },
+        );
+        background.reconciler = reconciler.status();
+        background.reconciler.docker_up.store(true, Ordering::Relaxed);
+        let stopped = background.stopped();
+        background.tasks.push(tokio::spawn(reconciler.run(stopped)));
+        let sampler = Sampler::new(store.clone(), docker.clone(), &config.metrics);
+        background.samples = sampler.feed();
+        background.tasks.push(tokio::spawn(crate::metrics::forward(
+            sampler.feed(),
+            background.metrics.clone(),
+            background.stopped(),
+        )));
+        background.tasks.push(tokio::spawn(sampler.run(background.stopped())));
+        background
+    }
+
+    /// A receiver that turns `true` when the stop is requested.
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stop_tx.subscribe()
+    }
+
+    /// Resolves when the stop is requested: the shutdown future for a task.
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut stop = self.stop_signal();
+        async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        }
+    }
+
+    /// Asks every task to stop, without waiting for them.
+    pub fn request_stop(&self) {
+        self.stop_tx.send_replace(true);
+    }
+
+    /// Stops every task and waits until they have finished.
+    pub async fn stop(self) {
+        self.request_stop();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
 }

@@ -12,8 +12,8 @@ use crate::model::{
 };
 use bollard::container::{
     Config as ContainerConfig, CreateContainerOptions, InspectContainerOptions,
-    KillContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
-    StartContainerOptions,
+    KillContainerOptions, ListContainersOptions, LogsOptions, MemoryStatsStats,
+    RemoveContainerOptions, StartContainerOptions, Stats, StatsOptions,
 };
 use bollard::image::CreateImageOptions;
 use bollard::models::{HostConfig, PortBinding, ResourcesUlimits};
@@ -70,6 +70,7 @@ pub struct CallCounters {
     pub remove: AtomicU64,
     pub image: AtomicU64,
     pub events: AtomicU64,
+    pub stats: AtomicU64,
     pub other: AtomicU64,
     pub errors: AtomicU64,
 }
@@ -85,6 +86,7 @@ impl CallCounters {
             ("remove", &self.remove),
             ("image", &self.image),
             ("events", &self.events),
+            ("stats", &self.stats),
             ("other", &self.other),
         ]
         .into_iter()
@@ -122,6 +124,41 @@ pub struct InspectedContainer {
     pub started_at: Option<String>,
     /// Set when the container has stopped.
     pub exit: Option<ObservedExit>,
+}
+
+/// One reading of a running container's resources, with Plane's field
+/// meanings (`BackendMetricsMessage`), for cgroup v1 and v2 alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ContainerStats {
+    /// Resident plus page cache (v1: `total_rss + total_cache`; v2: `anon + file + kernel`).
+    pub mem_total: u64,
+    /// Docker's usage less the inactive file cache, as `docker stats` shows it.
+    pub mem_used: u64,
+    pub mem_active: u64,
+    pub mem_inactive: u64,
+    pub mem_unevictable: u64,
+    /// The container's memory limit (the host's memory when it has none).
+    pub mem_limit: u64,
+    /// CPU time used by the container since it started, in nanoseconds (cumulative).
+    pub cpu_total_ns: u64,
+    /// CPU time used by the whole host since boot, in nanoseconds (cumulative).
+    pub system_cpu_ns: u64,
+}
+
+/// An image as inspect reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// The image id, `sha256:...`.
+    pub id: String,
+    pub size: i64,
+}
+
+/// What removing an image reference did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageRemoval {
+    /// Ids of the images and layers deleted; empty when the reference was
+    /// only untagged (another reference still names the image).
+    pub deleted: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -311,6 +348,61 @@ impl DockerClient {
         }
     }
 
+    /// The id (`sha256:...`) and size of the image a reference names; `None`
+    /// when there is no such image.
+    pub async fn image_info(&self, image: &str) -> Result<Option<ImageInfo>> {
+        self.calls.image.fetch_add(1, Ordering::Relaxed);
+        match self.docker.inspect_image(image).await {
+            Ok(inspect) => Ok(Some(ImageInfo {
+                id: inspect.id.unwrap_or_default(),
+                size: inspect.size.unwrap_or(0),
+            })),
+            Err(e) => match self.convert(e) {
+                DockerError::NotFound(_) => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// Removes an image reference, never by force: an image a container still
+    /// uses (even a stopped one) is [`DockerError::Conflict`]. When other
+    /// references name the same image, only this one goes (an untag).
+    pub async fn remove_image(&self, image: &str) -> Result<ImageRemoval> {
+        self.calls.image.fetch_add(1, Ordering::Relaxed);
+        let items = self
+            .docker
+            .remove_image(
+                image,
+                Some(bollard::image::RemoveImageOptions {
+                    force: false,
+                    noprune: false,
+                }),
+                None,
+            )
+            .await
+            .map_err(|e| self.convert(e))?;
+        Ok(ImageRemoval {
+            deleted: items.into_iter().filter_map(|item| item.deleted).collect(),
+        })
+    }
+
+    /// The size of a container's writable layer (`SizeRw`); `None` when the
+    /// container is gone.
+    pub async fn container_size(&self, container: &str) -> Result<Option<i64>> {
+        self.calls.inspect.fetch_add(1, Ordering::Relaxed);
+        match self
+            .docker
+            .inspect_container(container, Some(InspectContainerOptions { size: true }))
+            .await
+        {
+            Ok(details) => Ok(Some(details.size_rw.unwrap_or(0))),
+            Err(e) => match self.convert(e) {
+                DockerError::NotFound(_) => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
     /// Pulls an image, logging progress at debug level and reporting each
     /// status line to `progress`.
     pub async fn pull(
@@ -463,6 +555,28 @@ impl DockerClient {
             .map_err(move |e| this.convert(e))
     }
 
+    /// One reading of a container's resources, in a single call (`one-shot`:
+    /// no second cycle for `precpu_stats`, no stream). `None` when the
+    /// container is gone or not running.
+    pub async fn stats(&self, container: &str) -> Result<Option<ContainerStats>> {
+        self.calls.stats.fetch_add(1, Ordering::Relaxed);
+        let mut stream = self.docker.stats(
+            container,
+            Some(StatsOptions {
+                stream: false,
+                one_shot: true,
+            }),
+        );
+        match stream.next().await {
+            Some(Ok(stats)) => Ok(container_stats(&stats)),
+            Some(Err(e)) => match self.convert(e) {
+                DockerError::NotFound(_) => Ok(None),
+                other => Err(other),
+            },
+            None => Ok(None),
+        }
+    }
+
     /// Docker's events for this instance's containers. With `until`, the
     /// stream ends there (a replay); without, it follows live.
     pub fn events(
@@ -517,6 +631,42 @@ fn container_event(message: bollard::models::EventMessage) -> Option<ContainerEv
         action,
         time_ms: time_nano / 1_000_000,
         time_nano,
+    })
+}
+
+/// Plane's reading of Docker's stats: memory from the cgroup's own counters
+/// (v1 `total_*` keys, or v2 keys), CPU as the raw cumulative counters.
+/// `None` for a container that is not running (Docker answers with empty stats).
+fn container_stats(stats: &Stats) -> Option<ContainerStats> {
+    let memory = &stats.memory_stats;
+    let usage = memory.usage?;
+    let limit = memory.limit?;
+    let system_cpu_ns = stats.cpu_stats.system_cpu_usage?;
+    let (mem_total, mem_active, mem_inactive, mem_unevictable, inactive_file) = match memory.stats? {
+        MemoryStatsStats::V1(v1) => (
+            v1.total_rss + v1.total_cache,
+            v1.total_active_anon + v1.total_active_file,
+            v1.total_inactive_anon + v1.total_inactive_file,
+            v1.total_unevictable,
+            v1.total_inactive_file,
+        ),
+        MemoryStatsStats::V2(v2) => (
+            v2.anon + v2.file + v2.kernel_stack + v2.sock + v2.slab,
+            v2.active_anon + v2.active_file,
+            v2.inactive_anon + v2.inactive_file,
+            v2.unevictable,
+            v2.inactive_file,
+        ),
+    };
+    Some(ContainerStats {
+        mem_total,
+        mem_used: usage.saturating_sub(inactive_file),
+        mem_active,
+        mem_inactive,
+        mem_unevictable,
+        mem_limit: limit,
+        cpu_total_ns: stats.cpu_stats.cpu_usage.total_usage,
+        system_cpu_ns,
     })
 }
 
@@ -575,7 +725,7 @@ fn container_config(
     ]);
     let port_key = format!("{CONTAINER_PORT}/tcp");
     let limits = &spec.resource_limits;
-    let cpu_period = limits.cpu_period.unwrap_or(100_000);
+    let cpu_period = limits.cpu_period.unwrap_or(crate::model::DEFAULT_CPU_PERIOD);
     let host_config = HostConfig {
         port_bindings: Some(HashMap::from([(
             port_key.clone(),
@@ -591,9 +741,7 @@ fn container_config(
             .cpu_period_percent
             .or(limits.cpu_period)
             .map(|_| cpu_period),
-        cpu_quota: limits
-            .cpu_period_percent
-            .map(|percent| cpu_period * percent / 100),
+        cpu_quota: limits.cpu_quota(),
         ulimits: limits.cpu_time_limit.map(|seconds| {
             vec![ResourcesUlimits {
                 name: Some("cpu".to_string()),
@@ -658,13 +806,120 @@ mod tests {
         );
     }
 
+    /// A stats answer as Docker 20.10 gives it, around a `memory_stats` value.
+    fn stats_answer(memory_stats: serde_json::Value, cpu: serde_json::Value) -> Stats {
+        serde_json::from_value(serde_json::json!({
+            "read": "2026-01-01T00:00:00.5Z",
+            "preread": "0001-01-01T00:00:00Z",
+            "pids_stats": {"current": 1},
+            "blkio_stats": {"io_service_bytes_recursive": null, "io_serviced_recursive": null,
+                "io_queue_recursive": null, "io_service_time_recursive": null,
+                "io_wait_time_recursive": null, "io_merged_recursive": null,
+                "io_time_recursive": null, "sectors_recursive": null},
+            "num_procs": 0,
+            "storage_stats": {},
+            "cpu_stats": cpu,
+            "precpu_stats": {"cpu_usage": {"total_usage": 0, "usage_in_kernelmode": 0, "usage_in_usermode": 0},
+                "throttling_data": {"periods": 0, "throttled_periods": 0, "throttled_time": 0}},
+            "memory_stats": memory_stats,
+            "name": "/plane-ba-x",
+            "id": "abc"
+        }))
+        .expect("stats deserialize")
+    }
+
+    fn running_cpu() -> serde_json::Value {
+        serde_json::json!({
+            "cpu_usage": {"total_usage": 44_609_978u64, "usage_in_kernelmode": 0, "usage_in_usermode": 30_000_000u64},
+            "system_cpu_usage": 1_790_920_000_000u64,
+            "online_cpus": 2,
+            "throttling_data": {"periods": 0, "throttled_periods": 0, "throttled_time": 0}
+        })
+    }
+
+    #[test]
+    fn stats_of_cgroup_v1_follow_plane() {
+        let stats = stats_answer(
+            serde_json::json!({
+                "usage": 2_088_960u64, "max_usage": 4_079_616u64, "limit": 25_276_071_936u64,
+                "stats": {
+                    "active_anon": 4096, "active_file": 0, "cache": 1507328, "dirty": 0,
+                    "hierarchical_memory_limit": 9223372036854771712u64,
+                    "hierarchical_memsw_limit": 9223372036854771712u64,
+                    "inactive_anon": 49152, "inactive_file": 1507328, "mapped_file": 1138688,
+                    "pgfault": 1139, "pgmajfault": 20, "pgpgin": 1214, "pgpgout": 833, "rss": 53248,
+                    "rss_huge": 0, "total_active_anon": 4096, "total_active_file": 8192,
+                    "total_cache": 1507328, "total_dirty": 0, "total_inactive_anon": 49152,
+                    "total_inactive_file": 1507328, "total_mapped_file": 1138688,
+                    "total_pgfault": 1139, "total_pgmajfault": 20, "total_pgpgin": 1214,
+                    "total_pgpgout": 833, "total_rss": 53248, "total_rss_huge": 0,
+                    "total_unevictable": 4096, "total_writeback": 0, "unevictable": 0, "writeback": 0
+                }
+            }),
+            running_cpu(),
+        );
+        assert_eq!(
+            container_stats(&stats),
+            Some(ContainerStats {
+                mem_total: 53248 + 1507328,
+                mem_used: 2_088_960 - 1507328,
+                mem_active: 4096 + 8192,
+                mem_inactive: 49152 + 1507328,
+                mem_unevictable: 4096,
+                mem_limit: 25_276_071_936,
+                cpu_total_ns: 44_609_978,
+                system_cpu_ns: 1_790_920_000_000,
+            })
+        );
+    }
+
+    #[test]
+    fn stats_of_cgroup_v2_follow_plane() {
+        let stats = stats_answer(
+            serde_json::json!({
+                "usage": 6_651_904u64, "limit": 8_303_472_640u64,
+                "stats": {
+                    "active_anon": 4096, "active_file": 1318912, "anon": 2154496, "anon_thp": 0,
+                    "file": 3784704, "file_dirty": 0, "file_mapped": 2838528, "file_writeback": 0,
+                    "inactive_anon": 2150400, "inactive_file": 2465792, "kernel_stack": 16384,
+                    "pgactivate": 322, "pgdeactivate": 0, "pgfault": 1595, "pglazyfree": 0,
+                    "pglazyfreed": 0, "pgmajfault": 30, "pgrefill": 0, "pgscan": 0, "pgsteal": 0,
+                    "shmem": 0, "slab": 412520, "slab_reclaimable": 181104,
+                    "slab_unreclaimable": 231416, "sock": 8192, "thp_collapse_alloc": 0,
+                    "thp_fault_alloc": 0, "unevictable": 0, "workingset_activate": 0,
+                    "workingset_nodereclaim": 0, "workingset_refault": 0
+                }
+            }),
+            running_cpu(),
+        );
+        let read = container_stats(&stats).expect("a running container has stats");
+        assert_eq!(read.mem_total, 2154496 + 3784704 + 16384 + 8192 + 412520);
+        assert_eq!(read.mem_used, 6_651_904 - 2465792);
+        assert_eq!(read.mem_active, 4096 + 1318912);
+        assert_eq!(read.mem_inactive, 2150400 + 2465792);
+        assert_eq!(read.mem_limit, 8_303_472_640);
+        assert_eq!(read.cpu_total_ns, 44_609_978);
+    }
+
+    #[test]
+    fn stats_of_a_stopped_container_are_none() {
+        let stats = stats_answer(
+            serde_json::json!({}),
+            serde_json::json!({
+                "cpu_usage": {"total_usage": 0, "usage_in_kernelmode": 0, "usage_in_usermode": 0},
+                "throttling_data": {"periods": 0, "throttled_periods": 0, "throttled_time": 0}
+            }),
+        );
+        assert_eq!(container_stats(&stats), None);
+    }
+
     #[test]
     fn container_gets_plane_env_labels_and_limits() {
         let backend = BackendName::parse("ba-x").unwrap();
         let spec = ExecutorSpec::from_json(serde_json::json!({
             "image": "img",
             "env": {"A": "1"},
-            "resource_limits": {"cpu_period_percent": 50, "memory_limit_bytes": 1048576, "cpu_time_limit": 10}
+            "resource_limits": {"cpu_period_percent": 50, "memory_limit_bytes": 8388608, "cpu_time_limit": 10}
         }))
         .unwrap();
         let config = container_config(&backend, &spec, &ContainerOptions::default(), "dr-1");
@@ -676,8 +931,8 @@ mod tests {
         assert_eq!(labels[LABEL_PLANE_BACKEND], "true");
         assert_eq!(labels[LABEL_INSTANCE], "dr-1");
         let host = config.host_config.unwrap();
-        assert_eq!(host.memory, Some(1048576));
-        assert_eq!(host.memory_swap, Some(1048576));
+        assert_eq!(host.memory, Some(8388608));
+        assert_eq!(host.memory_swap, Some(8388608));
         assert_eq!(host.cpu_period, Some(100_000));
         assert_eq!(host.cpu_quota, Some(50_000));
         assert_eq!(host.ulimits.unwrap()[0].soft, Some(10));

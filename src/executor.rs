@@ -16,7 +16,7 @@ use crate::model::{
     TerminationKind, TerminationReason,
 };
 use crate::planner::Action;
-use crate::store::{Store, StoreError, Transition};
+use crate::store::{Launch, Store, StoreError, Transition};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -100,12 +100,14 @@ impl From<DockerError> for Failure {
 
 const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
 
+/// How often, at most, a pull's progress is written as the loading detail.
+pub const LOADING_DETAIL_EVERY: Duration = Duration::from_secs(1);
+
 impl Executor {
     /// Performs `action` for `row`. Never panics on Docker or store errors:
     /// transient ones come back as a retry, refusals end the backend.
     pub async fn perform(&self, row: BackendRow, action: Action) -> ActionOutcome {
         let backend = row.id.clone();
-        let from = row.status();
         match self.perform_inner(&row, action).await {
             Ok(container) => ActionOutcome {
                 backend,
@@ -129,7 +131,6 @@ impl Executor {
                     Ok(Some(current)) => current,
                     _ => row,
                 };
-                let _ = from;
                 let retry_after = match self.record_internal_error(&current, &message).await {
                     Ok(()) => None,
                     Err(_) => Some(RETRY_AFTER_FAILURE),
@@ -149,7 +150,10 @@ impl Executor {
             Action::PrepareImage => self.prepare_image(row).await,
             Action::CreateContainer => self.create_container(row).await,
             Action::StartContainer { container_id } => {
-                self.docker.start(&container_id).await?;
+                self.docker
+                    .start(&container_id)
+                    .await
+                    .map_err(|e| container_failure("start", &row.spec, e))?;
                 crash::point("after_start");
                 self.record_waiting(row, &container_id).await
             }
@@ -202,7 +206,27 @@ impl Executor {
             }
             Action::RecordExit { container_id, exit } => {
                 let (exit, update) = match exit {
-                    Some(exit) => (Some(exit), ContainerUpdate::Unchanged),
+                    // A `die` event is dated when Docker logged it, a little
+                    // after the exit (and when replayed, at no other time):
+                    // the container, while it is still there, gives its own
+                    // `FinishedAt`. Unreachable, the event's time will do.
+                    Some(exit) => match self.docker.inspect(&container_id).await {
+                        Ok(Some(inspected)) if inspected.run_state != RunState::Exited => {
+                            return Ok(ContainerUpdate::Observed(observed_from(row, inspected)));
+                        }
+                        Ok(Some(InspectedContainer {
+                            exit: Some(inspected),
+                            ..
+                        })) => (
+                            Some(ObservedExit {
+                                finished_at: inspected.finished_at,
+                                oom_killed: exit.oom_killed || inspected.oom_killed,
+                                ..exit
+                            }),
+                            ContainerUpdate::Unchanged,
+                        ),
+                        _ => (Some(exit), ContainerUpdate::Unchanged),
+                    },
                     None => match self.docker.inspect(&container_id).await? {
                         None => (None, ContainerUpdate::Gone),
                         Some(inspected) if inspected.run_state != RunState::Exited => {
@@ -261,11 +285,17 @@ impl Executor {
                 false
             }
         };
+        let mut brings_image = false;
         if must_pull {
+            // Whether this pull brings the image to the host, making it
+            // drover's to prune later: IfNotPresent pulls only an absent
+            // image; Always may refresh one someone else put there.
+            brings_image = spec.pull_policy() != PullPolicy::Always
+                || self.store.pulled_image(&spec.image).await?.is_some()
+                || !present().await?;
             crash::point("before_pull");
             tracing::info!(backend = %row.id, image = %spec.image, "pulling image");
-            self.docker
-                .pull(&spec.image, spec.credentials.as_ref(), |_| {})
+            self.pull_with_detail(row)
                 .await
                 .map_err(|e| match e {
                     DockerError::Unavailable { .. } => Failure::from(e),
@@ -273,6 +303,10 @@ impl Executor {
                 })?;
             crash::point("after_pull");
         }
+        // The pull ledger for prune (a crash before this line leaves the image
+        // off it: never pruned, the safe side).
+        crate::prune::record_image_use(&self.store, &self.docker, &spec.image, brings_image, now_millis())
+            .await?;
         let transition = Transition::new(BackendState::Starting, EventSource::Reconciler, now_millis());
         self.store
             .record_transition(&row.id, state.status(), &transition)
@@ -281,8 +315,53 @@ impl Executor {
         Ok(ContainerUpdate::Unchanged)
     }
 
+    /// Pulls the backend's image, keeping its last progress line as the
+    /// backend's loading detail: written at most once per
+    /// [`LOADING_DETAIL_EVERY`] while pulling, and once at the end.
+    async fn pull_with_detail(&self, row: &BackendRow) -> Result<(), DockerError> {
+        let spec = &row.spec;
+        // std Mutex, not tokio's: only touched by sync code, never across an await.
+        let latest: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+        let mut written: Option<String> = None;
+        let pull = self.docker.pull(&spec.image, spec.credentials.as_ref(), |line| {
+            *latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(line.to_string());
+        });
+        tokio::pin!(pull);
+        let mut ticker = tokio::time::interval(LOADING_DETAIL_EVERY);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            tokio::select! {
+                result = &mut pull => break result,
+                _ = ticker.tick() => self.write_loading_detail(&row.id, &latest, &mut written).await,
+            }
+        };
+        self.write_loading_detail(&row.id, &latest, &mut written).await;
+        result
+    }
+
+    /// Stores the latest progress line if it changed. Progress is cosmetic: a
+    /// failed write is logged and the pull goes on.
+    async fn write_loading_detail(
+        &self,
+        id: &BackendName,
+        latest: &std::sync::Mutex<Option<String>>,
+        written: &mut Option<String>,
+    ) {
+        let line = latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if line.is_none() || line == *written {
+            return;
+        }
+        let line = line.unwrap_or_default();
+        match self.store.set_loading_detail(id, &line).await {
+            Ok(()) => *written = Some(line),
+            Err(e) => tracing::debug!(backend = %id, error = %e, "cannot store loading detail"),
+        }
+    }
+
     async fn create_container(&self, row: &BackendRow) -> Result<ContainerUpdate, Failure> {
-        let options = self.container_options(row)?;
+        // The key and static token are read here only: they never travel with the row.
+        let launch = self.store.launch_of(&row.id).await?.unwrap_or_default();
+        let options = self.container_options(row, &launch)?;
         let container_id = match self.docker.create(&row.id, &row.spec, &options).await {
             Ok(id) => id,
             Err(DockerError::Conflict(_)) => {
@@ -295,21 +374,32 @@ impl Executor {
                     )),
                 };
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(container_failure("create", &row.spec, e)),
         };
         crash::point("after_create");
-        self.docker.start(&container_id).await?;
+        self.docker
+            .start(&container_id)
+            .await
+            .map_err(|e| container_failure("start", &row.spec, e))?;
         crash::point("after_start");
         self.record_waiting(row, &container_id).await
     }
 
-    fn container_options(&self, row: &BackendRow) -> Result<ContainerOptions, Failure> {
+    fn container_options(&self, row: &BackendRow, launch: &Launch) -> Result<ContainerOptions, Failure> {
         let mount = match &row.spec.mount {
             None | Some(MountSpec::Flag(false)) => None,
             Some(MountSpec::Flag(true)) => {
-                return Err(Failure::Fatal(
-                    "mount: true needs a key to name the folder".into(),
-                ))
+                // As Plane does: the folder is named after the key the backend holds.
+                let key = launch.key.as_ref().ok_or_else(|| {
+                    Failure::Fatal("mount: true needs a key to name the folder".into())
+                })?;
+                let base = self.settings.mount_base.as_ref().ok_or_else(|| {
+                    Failure::Fatal("mount requested but docker.mount_base is not configured".into())
+                })?;
+                Some(
+                    crate::mounts::prepare(base, std::path::Path::new(&key.name))
+                        .map_err(|e| Failure::Fatal(e.to_string()))?,
+                )
             }
             Some(MountSpec::Path(path)) => {
                 let base = self.settings.mount_base.as_ref().ok_or_else(|| {
@@ -321,8 +411,19 @@ impl Executor {
                 )
             }
         };
+        let mut extra_env = Vec::new();
+        if let Some(key) = &launch.key {
+            extra_env.push(("SESSION_BACKEND_KEY".to_string(), key.name.clone()));
+            extra_env.push((
+                "SESSION_BACKEND_FENCING_TOKEN".to_string(),
+                key.fencing_token.to_string(),
+            ));
+        }
+        if let Some(token) = &launch.static_token {
+            extra_env.push(("SESSION_BACKEND_STATIC_TOKEN".to_string(), token.clone()));
+        }
         Ok(ContainerOptions {
-            extra_env: Vec::new(),
+            extra_env,
             mount,
             runtime: self.settings.runtime.clone(),
             log_driver: self.settings.log_driver.clone(),
@@ -458,6 +559,22 @@ impl Executor {
             .await?;
         Ok(())
     }
+}
+
+/// A create or start Docker refused, as the backend's error: the step,
+/// Docker's own words, and a hint where the spec asked for something this
+/// engine cannot do. An unreachable engine stays a transient failure.
+fn container_failure(step: &str, spec: &crate::model::ExecutorSpec, error: DockerError) -> Failure {
+    if error.is_unavailable() {
+        return error.into();
+    }
+    let mut message = format!("cannot {step} container: {error}");
+    if spec.resource_limits.disk_limit_bytes.is_some() && message.contains("storage-opt") {
+        message.push_str(
+            " (executable.resource_limits.disk_limit_bytes needs a storage driver that supports a size limit, e.g. overlay2 on xfs mounted with pquota)",
+        );
+    }
+    Failure::Fatal(message)
 }
 
 /// The termination a user asked for, when termination is desired.

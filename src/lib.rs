@@ -7,14 +7,18 @@
 //! See `docs/architecture.md` for the map.
 
 pub mod api;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod crash;
 pub mod daemon;
 pub mod docker;
 pub mod executor;
+pub mod metrics;
 pub mod model;
 pub mod mounts;
 pub mod planner;
+pub mod prune;
 pub mod reconciler;
+pub mod runtime;
 pub mod store;

@@ -369,13 +369,42 @@ pub struct ResourceLimits {
     pub disk_limit_bytes: Option<i64>,
 }
 
+impl ResourceLimits {
+    /// The CFS quota in microseconds per period, from `cpu_period_percent`.
+    /// Saturates rather than overflows (validation bounds both inputs).
+    pub fn cpu_quota(&self) -> Option<i64> {
+        let period = self.cpu_period.unwrap_or(DEFAULT_CPU_PERIOD);
+        self.cpu_period_percent
+            .map(|percent| period.saturating_mul(percent) / 100)
+    }
+}
+
 /// Plane's `mount` field: `true` (a folder named after the key), `false`, or a
 /// relative path under the configured mount base.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum MountSpec {
     Flag(bool),
     Path(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for MountSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MountVisitor;
+        impl serde::de::Visitor<'_> for MountVisitor {
+            type Value = MountSpec;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true, false or a relative path")
+            }
+            fn visit_bool<E: serde::de::Error>(self, flag: bool) -> Result<MountSpec, E> {
+                Ok(MountSpec::Flag(flag))
+            }
+            fn visit_str<E: serde::de::Error>(self, path: &str) -> Result<MountSpec, E> {
+                Ok(MountSpec::Path(PathBuf::from(path)))
+            }
+        }
+        deserializer.deserialize_any(MountVisitor)
+    }
 }
 
 /// What to run for one backend: Plane's `DockerExecutorConfig`, plus `command`.
@@ -400,6 +429,21 @@ pub struct ExecutorSpec {
     pub command: Option<Vec<String>>,
 }
 
+/// Most environment variables a spawn may set.
+pub const MAX_ENV_VARS: usize = 1_000;
+/// Most bytes the environment of a spawn may hold, names and values together.
+pub const MAX_ENV_BYTES: usize = 64 * 1024;
+/// Docker's smallest memory limit (6 MiB); a smaller one fails at create.
+pub const MIN_MEMORY_LIMIT_BYTES: i64 = 6 * 1024 * 1024;
+/// The kernel's bounds for a CFS period, in microseconds (1 ms to 1 s).
+pub const CPU_PERIOD_RANGE: std::ops::RangeInclusive<i64> = 1_000..=1_000_000;
+/// The kernel's smallest CFS quota, in microseconds.
+pub const MIN_CPU_QUOTA: i64 = 1_000;
+/// Highest `cpu_period_percent`: 1,000 cores' worth.
+pub const MAX_CPU_PERIOD_PERCENT: i64 = 100_000;
+/// Default CFS period (Docker's), in microseconds.
+pub const DEFAULT_CPU_PERIOD: i64 = 100_000;
+
 /// A spawn request that failed validation: which field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -420,8 +464,16 @@ impl SpecError {
 impl ExecutorSpec {
     /// Parses and validates a spawn spec from JSON. The error names the field.
     pub fn from_json(value: serde_json::Value) -> Result<Self, SpecError> {
-        let spec: ExecutorSpec = serde_json::from_value(value)
-            .map_err(|e| SpecError::new("executable", e.to_string()))?;
+        refuse_sequences_as_objects(&value)?;
+        let spec: ExecutorSpec = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = error_field_path(&e);
+            let field = if path.is_empty() {
+                "executable".to_string()
+            } else {
+                format!("executable.{path}")
+            };
+            SpecError::new(field, e.into_inner().to_string())
+        })?;
         spec.validate()?;
         Ok(spec)
     }
@@ -432,6 +484,27 @@ impl ExecutorSpec {
 
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_image(&self.image)?;
+        if let Some(credentials) = &self.credentials {
+            if credentials.username.is_empty() {
+                return Err(SpecError::new(
+                    "executable.credentials.username",
+                    "must not be empty",
+                ));
+            }
+        }
+        if self.env.len() > MAX_ENV_VARS {
+            return Err(SpecError::new(
+                "executable.env",
+                format!("at most {MAX_ENV_VARS} variables, got {}", self.env.len()),
+            ));
+        }
+        let env_bytes: usize = self.env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+        if env_bytes > MAX_ENV_BYTES {
+            return Err(SpecError::new(
+                "executable.env",
+                format!("at most {MAX_ENV_BYTES} bytes in all, got {env_bytes}"),
+            ));
+        }
         for (key, value) in &self.env {
             if key.is_empty() {
                 return Err(SpecError::new("executable.env", "empty variable name"));
@@ -444,7 +517,7 @@ impl ExecutorSpec {
             }
             if value.contains('\0') {
                 return Err(SpecError::new(
-                    format!("executable.env.{key}"),
+                    format!("executable.env.{}", key.escape_debug()),
                     "value may not contain NUL",
                 ));
             }
@@ -466,13 +539,49 @@ impl ExecutorSpec {
                 }
             }
         }
+        if let Some(period) = limits.cpu_period {
+            if !CPU_PERIOD_RANGE.contains(&period) {
+                return Err(SpecError::new(
+                    "executable.resource_limits.cpu_period",
+                    format!(
+                        "must be between {} and {} microseconds, got {period}",
+                        CPU_PERIOD_RANGE.start(),
+                        CPU_PERIOD_RANGE.end()
+                    ),
+                ));
+            }
+        }
+        if let Some(percent) = limits.cpu_period_percent {
+            if percent > MAX_CPU_PERIOD_PERCENT {
+                return Err(SpecError::new(
+                    "executable.resource_limits.cpu_period_percent",
+                    format!("must be at most {MAX_CPU_PERIOD_PERCENT}, got {percent}"),
+                ));
+            }
+            let quota = limits.cpu_quota().unwrap_or_default();
+            if quota < MIN_CPU_QUOTA {
+                return Err(SpecError::new(
+                    "executable.resource_limits.cpu_period_percent",
+                    format!(
+                        "{percent}% of a {} microsecond period is {quota} microseconds; the least is {MIN_CPU_QUOTA}",
+                        limits.cpu_period.unwrap_or(DEFAULT_CPU_PERIOD)
+                    ),
+                ));
+            }
+        }
+        if let Some(memory) = limits.memory_limit_bytes {
+            if memory < MIN_MEMORY_LIMIT_BYTES {
+                return Err(SpecError::new(
+                    "executable.resource_limits.memory_limit_bytes",
+                    format!("must be at least {MIN_MEMORY_LIMIT_BYTES} (6 MiB), got {memory}"),
+                ));
+            }
+        }
         if let Some(MountSpec::Path(path)) = &self.mount {
             validate_mount_path(path)?;
         }
         if let Some(network) = &self.network_name {
-            if network.is_empty() {
-                return Err(SpecError::new("executable.network_name", "must not be empty"));
-            }
+            validate_network_name(network)?;
         }
         if let Some(command) = &self.command {
             if command.is_empty() {
@@ -495,37 +604,206 @@ impl ExecutorSpec {
     }
 }
 
+/// Where a deserialization error is, as a field path (`resource_limits.cpu_period`,
+/// `command[1]`, `env.A`); empty for the value itself. An unknown field is
+/// reported at the object that holds it, not as a field of its own.
+pub fn error_field_path<E: fmt::Display>(error: &serde_path_to_error::Error<E>) -> String {
+    use serde_path_to_error::Segment;
+    let mut segments: Vec<&Segment> = error.path().iter().collect();
+    if error.inner().to_string().starts_with("unknown field `") {
+        segments.pop();
+    }
+    let mut path = String::new();
+    for segment in segments {
+        let name = match segment {
+            Segment::Seq { index } => {
+                path.push_str(&format!("[{index}]"));
+                continue;
+            }
+            Segment::Map { key } => key.escape_debug().to_string(),
+            Segment::Enum { variant } => variant.escape_debug().to_string(),
+            Segment::Unknown => "?".to_string(),
+        };
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(&name);
+    }
+    path
+}
+
+/// serde reads a struct from a JSON array too (`["busybox"]` as `{"image": "busybox"}`);
+/// the API takes objects only, so arrays where an object belongs are refused.
+fn refuse_sequences_as_objects(value: &serde_json::Value) -> Result<(), SpecError> {
+    let refuse = |field: String, what: &str| {
+        Err(SpecError::new(
+            field,
+            format!("invalid type: sequence, expected struct {what}"),
+        ))
+    };
+    if value.is_array() {
+        return refuse("executable".into(), "ExecutorSpec");
+    }
+    for (key, what) in [
+        ("credentials", "RegistryCredentials"),
+        ("resource_limits", "ResourceLimits"),
+    ] {
+        if value.get(key).is_some_and(serde_json::Value::is_array) {
+            return refuse(format!("executable.{key}"), what);
+        }
+    }
+    Ok(())
+}
+
+/// Longest repository name Docker accepts (registry host included).
+const MAX_IMAGE_NAME_LEN: usize = 255;
+
+/// Checks an image reference against Docker's grammar:
+/// `[host[:port]/]path[:tag][@algorithm:hex]`, lowercase path components.
 fn validate_image(image: &str) -> Result<(), SpecError> {
     let field = "executable.image";
+    let error = |message: String| Err(SpecError::new(field, message));
     if image.trim().is_empty() {
-        return Err(SpecError::new(field, "must not be empty"));
+        return error("must not be empty".into());
     }
     if let Some(bad) = image
         .chars()
         .find(|c| c.is_whitespace() || c.is_control() || !c.is_ascii())
     {
-        return Err(SpecError::new(
-            field,
-            format!("invalid character {bad:?} in image reference"),
+        return error(format!("invalid character {bad:?} in image reference"));
+    }
+    let (name_and_tag, digest) = match image.split_once('@') {
+        Some((before, digest)) => (before, Some(digest)),
+        None => (image, None),
+    };
+    if let Some(digest) = digest {
+        let valid = digest.split_once(':').is_some_and(|(algorithm, hex)| {
+            !algorithm.is_empty()
+                && algorithm.starts_with(|c: char| c.is_ascii_alphabetic())
+                && algorithm
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_+.".contains(c))
+                && hex.len() >= 32
+                && hex.chars().all(|c| c.is_ascii_hexdigit())
+        });
+        if !valid {
+            return error(format!("invalid digest {digest:?} (expected algorithm:hex)"));
+        }
+    }
+    // A colon after the last slash starts the tag; one before it is a registry port.
+    let (name, tag) = match name_and_tag.rfind(':') {
+        Some(colon) if !name_and_tag[colon..].contains('/') => {
+            (&name_and_tag[..colon], Some(&name_and_tag[colon + 1..]))
+        }
+        _ => (name_and_tag, None),
+    };
+    if let Some(tag) = tag {
+        let valid = !tag.is_empty()
+            && tag.len() <= 128
+            && !tag.starts_with(['.', '-'])
+            && tag
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !valid {
+            return error(format!(
+                "invalid tag {tag:?} (letters, digits, '_', '.', '-'; at most 128; not starting with '.' or '-')"
+            ));
+        }
+    }
+    if name.len() > MAX_IMAGE_NAME_LEN {
+        return error(format!(
+            "repository name is longer than {MAX_IMAGE_NAME_LEN} characters"
         ));
     }
-    // The repository part (before any tag or digest) must be lowercase.
-    let without_digest = image.split('@').next().unwrap_or(image);
-    let repository = match without_digest.rfind(':') {
-        Some(colon) if !without_digest[colon..].contains('/') => &without_digest[..colon],
-        _ => without_digest,
-    };
-    let path = match repository.split_once('/') {
+    let path = match name.split_once('/') {
         // The first component is a registry host when it looks like one; hosts may be mixed case.
-        Some((first, rest)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+        Some((host, rest)) if host.contains('.') || host.contains(':') || host == "localhost" => {
+            if !valid_registry_host(host) {
+                return error(format!("invalid registry host {host:?}"));
+            }
             rest
         }
-        _ => repository,
+        _ => name,
     };
     if path.chars().any(|c| c.is_ascii_uppercase()) {
+        return error("repository name must be lowercase".into());
+    }
+    for component in path.split('/') {
+        if !valid_path_component(component) {
+            return error(format!(
+                "invalid repository name component {component:?} (lowercase letters and digits, separated by '.', '_', '__' or dashes)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `host[:port]`: dot-separated labels of letters, digits and inner dashes.
+fn valid_registry_host(host: &str) -> bool {
+    let (hostname, port) = match host.rsplit_once(':') {
+        Some((hostname, port)) => (hostname, Some(port)),
+        None => (host, None),
+    };
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.chars().all(|c| c.is_ascii_digit()));
+    let labels_ok = !hostname.is_empty()
+        && hostname.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    port_ok && labels_ok
+}
+
+/// One path component: `[a-z0-9]+` runs joined by `.`, `_`, `__` or dashes.
+fn valid_path_component(component: &str) -> bool {
+    let bytes = component.as_bytes();
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    if bytes.is_empty() || !alnum(bytes[0]) || !alnum(bytes[bytes.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if alnum(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && !alnum(bytes[i]) {
+            i += 1;
+        }
+        let separator = &component[start..i];
+        let ok = matches!(separator, "." | "_" | "__") || separator.bytes().all(|b| b == b'-');
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// Docker network names: a letter or digit, then letters, digits, `_`, `.`, `-`.
+/// `host` and `none` are refused: the first would share the host's network
+/// namespace, the second leaves the backend unreachable.
+fn validate_network_name(network: &str) -> Result<(), SpecError> {
+    let field = "executable.network_name";
+    if network.is_empty() {
+        return Err(SpecError::new(field, "must not be empty"));
+    }
+    let valid = network.len() <= 128
+        && network.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && network
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !valid {
         return Err(SpecError::new(
             field,
-            "repository name must be lowercase",
+            format!("invalid network name {network:?} (letters, digits, '_', '.', '-'; at most 128)"),
+        ));
+    }
+    if network == "host" || network == "none" {
+        return Err(SpecError::new(
+            field,
+            format!("network {network:?} is not allowed: a backend needs its own network namespace and a published port"),
         ));
     }
     Ok(())
@@ -537,6 +815,9 @@ pub fn validate_mount_path(path: &Path) -> Result<(), SpecError> {
     if path.as_os_str().is_empty() {
         return Err(SpecError::new(field, "path must not be empty"));
     }
+    if path.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err(SpecError::new(field, "path may not contain NUL"));
+    }
     for component in path.components() {
         match component {
             Component::Normal(_) | Component::CurDir => {}
@@ -547,6 +828,12 @@ pub fn validate_mount_path(path: &Path) -> Result<(), SpecError> {
                 return Err(SpecError::new(field, "path must be relative to the mount base"));
             }
         }
+    }
+    if !path.components().any(|c| matches!(c, Component::Normal(_))) {
+        return Err(SpecError::new(
+            field,
+            "path must name a folder under the mount base, not the base itself",
+        ));
     }
     Ok(())
 }

@@ -26,14 +26,17 @@ use tokio::time::Instant;
 /// acted on yet, so the next boot replays from there.
 const EVENTS_SINCE_KEY: &str = "docker_events_since_nanos";
 
-/// Why the loop woke. Every wake leads to the same pass.
+/// Why the loop woke, besides desired-state changes (a `Notify` from the
+/// store), the resync tick and deadlines, which the loop's `select!` waits on
+/// directly. Every wake leads to the same pass.
 #[derive(Debug)]
 pub enum Wake {
-    DesiredChanged,
     Docker(ContainerEvent),
-    /// The event stream was re-opened after a break: resync everything.
+    /// The event stream was re-opened after a break (the events missed
+    /// meanwhile already replayed): resync everything.
     StreamReconnected,
-    /// The event stream broke.
+    /// The event stream broke and the engine does not answer a ping: an
+    /// outage begins.
     StreamLost(String),
     TaskDone(ActionOutcome),
 }
@@ -72,6 +75,10 @@ pub struct Reconciler {
     wake_rx: mpsc::UnboundedReceiver<Wake>,
     /// Time of the latest Docker event seen, to resume the stream.
     last_event_nanos: Arc<AtomicU64>,
+    /// Whether `docker_outages` may hold an open row to close on the next
+    /// successful Docker call: after an outage began, after closing one
+    /// failed, and at boot (a previous run may have stopped mid-outage).
+    outage_may_be_open: bool,
 }
 
 impl Reconciler {
@@ -90,6 +97,7 @@ impl Reconciler {
             wake_tx,
             wake_rx,
             last_event_nanos: Arc::new(AtomicU64::new(0)),
+            outage_may_be_open: true,
         }
     }
 
@@ -148,7 +156,6 @@ impl Reconciler {
     /// Applies a wake to the picture; true when it asked for a full resync.
     async fn handle(&mut self, wake: Wake) -> bool {
         match wake {
-            Wake::DesiredChanged => false,
             Wake::Docker(event) => {
                 self.apply_event(event);
                 false
@@ -422,10 +429,13 @@ impl Reconciler {
         }
     }
 
-    async fn mark_docker_down(&self, noticed_by: &str, detail: &str) {
+    /// Docker did not answer: `/healthz` turns 503 and the outage is
+    /// journaled (once: an open outage is not opened again).
+    async fn mark_docker_down(&mut self, noticed_by: &str, detail: &str) {
         if self.status.docker_up.swap(false, Ordering::Relaxed) {
             tracing::warn!(noticed_by, detail, "docker engine unreachable");
         }
+        self.outage_may_be_open = true;
         if let Err(e) = self
             .store
             .open_docker_outage(noticed_by, detail, now_millis())
@@ -435,14 +445,24 @@ impl Reconciler {
         }
     }
 
-    async fn mark_docker_up(&self) {
+    /// Docker answered: closes the open outage, if any. Tried again on the
+    /// next answer while closing fails, and done on the first answer after
+    /// boot too, so an outage left open by a run that stopped during it is
+    /// ended rather than left open for ever (which would also keep every
+    /// later outage out of the journal).
+    async fn mark_docker_up(&mut self) {
         let was_up = self.status.docker_up.swap(true, Ordering::Relaxed);
-        if !was_up {
-            match self.store.close_docker_outage(now_millis()).await {
-                Ok(true) => tracing::info!("docker engine reachable again"),
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot close docker outage"),
+        if was_up && !self.outage_may_be_open {
+            return;
+        }
+        match self.store.close_docker_outage(now_millis()).await {
+            Ok(closed) => {
+                self.outage_may_be_open = false;
+                if closed {
+                    tracing::info!("docker engine reachable again");
+                }
             }
+            Err(e) => tracing::warn!(error = %e, "cannot close docker outage"),
         }
     }
 
@@ -462,33 +482,29 @@ impl Reconciler {
         }
     }
 
-    /// Follows Docker's event stream from `since_nanos`, re-opening it with
-    /// backoff whenever it ends or fails, resuming from the last event seen.
+    /// Follows Docker's event stream from `since_nanos`. When the stream
+    /// breaks, asks the engine for a ping: only an engine that does not
+    /// answer is an outage ([`Wake::StreamLost`], then pings with backoff
+    /// until it answers). Once it answers, the events Docker kept since the
+    /// last one seen are replayed first (a container removed meanwhile keeps
+    /// the exit code of its `die`), then [`Wake::StreamReconnected`] asks for
+    /// the full resync, and the stream is followed again: the same order as
+    /// at boot.
     fn spawn_event_watcher(&self, since_nanos: u64) {
         let docker = self.docker.clone();
         let wake_tx = self.wake_tx.clone();
         let last = self.last_event_nanos.clone();
         last.fetch_max(since_nanos, Ordering::Relaxed);
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
-            let mut first = true;
+            // Re-opening a stream that keeps breaking at once waits ever longer.
+            let mut pause = Duration::ZERO;
             loop {
-                if !first {
-                    if docker.ping().await.is_err() {
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                        continue;
-                    }
-                    if wake_tx.send(Wake::StreamReconnected).is_err() {
-                        return;
-                    }
-                }
+                let opened = Instant::now();
                 let since = last.load(Ordering::Relaxed) as i64;
                 let mut stream = Box::pin(docker.events(Some(docker_timestamp(since)), None));
-                let reason = loop {
+                let mut reason = loop {
                     match stream.next().await {
                         Some(Ok(event)) => {
-                            backoff = Duration::from_millis(100);
                             last.fetch_max(event.time_nano.max(0) as u64, Ordering::Relaxed);
                             if wake_tx.send(Wake::Docker(event)).is_err() {
                                 return;
@@ -498,14 +514,89 @@ impl Reconciler {
                         None => break "event stream ended".to_string(),
                     }
                 };
-                first = false;
-                if wake_tx.send(Wake::StreamLost(reason)).is_err() {
+                drop(stream);
+                pause = if opened.elapsed() < STREAM_STABLE_AFTER {
+                    (pause * 2).clamp(STREAM_BACKOFF_MIN, STREAM_BACKOFF_MAX)
+                } else {
+                    Duration::ZERO
+                };
+                let mut wait = pause;
+                let mut outage_reported = false;
+                loop {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).clamp(STREAM_BACKOFF_MIN, STREAM_BACKOFF_MAX);
+                    let answers = matches!(
+                        tokio::time::timeout(PING_TIMEOUT, docker.ping()).await,
+                        Ok(Ok(()))
+                    );
+                    if !answers {
+                        if !outage_reported {
+                            if wake_tx.send(Wake::StreamLost(reason.clone())).is_err() {
+                                return;
+                            }
+                            outage_reported = true;
+                        }
+                        continue;
+                    }
+                    match replay_since_last(&docker, &wake_tx, &last).await {
+                        Ok(true) => break,
+                        Ok(false) => return,
+                        Err(e) => reason = e,
+                    }
+                }
+                if wake_tx.send(Wake::StreamReconnected).is_err() {
                     return;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         });
+    }
+}
+
+/// How long a re-opened event stream must last to count as working again.
+const STREAM_STABLE_AFTER: Duration = Duration::from_secs(1);
+const STREAM_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const STREAM_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A ping slower than this counts as no answer.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for the next replayed event (the engine sends kept events at once).
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends the loop the events Docker kept from the last one seen up to now.
+/// `Ok(false)` when the loop is gone; `Err` when the engine failed meanwhile.
+async fn replay_since_last(
+    docker: &DockerClient,
+    wake_tx: &mpsc::UnboundedSender<Wake>,
+    last: &AtomicU64,
+) -> Result<bool, String> {
+    let since = last.load(Ordering::Relaxed) as i64;
+    let until = now_nanos() as i64;
+    let mut replay = Box::pin(docker.events(
+        Some(docker_timestamp(since)),
+        Some(docker_timestamp(until)),
+    ));
+    let mut replayed = 0usize;
+    loop {
+        match tokio::time::timeout(REPLAY_TIMEOUT, replay.next()).await {
+            Ok(Some(Ok(event))) => {
+                replayed += 1;
+                last.fetch_max(event.time_nano.max(0) as u64, Ordering::Relaxed);
+                if wake_tx.send(Wake::Docker(event)).is_err() {
+                    return Ok(false);
+                }
+            }
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(None) => {
+                tracing::info!(replayed, "docker event stream re-opened");
+                return Ok(true);
+            }
+            Err(_) => {
+                // An engine whose clock is behind ours holds the replay open
+                // until `until`; the live stream, opened from the last event
+                // seen, delivers the rest.
+                tracing::warn!(replayed, "event replay timed out; following the live stream");
+                return Ok(true);
+            }
+        }
     }
 }
 

@@ -5,6 +5,10 @@
 //! The API never calls Docker: it writes desired state and the reconciler
 //! does the rest. Errors map to statuses in one place, [`ApiError`].
 
+pub mod events;
+pub mod metrics;
+pub mod prune;
+
 use crate::config::Config;
 use crate::model::{
     now_millis, BackendName, BackendRow, BackendStatus, ExecutorSpec, Millis, MountSpec,
@@ -34,6 +38,15 @@ pub struct ApiState {
     pub config: Arc<Config>,
     pub reconciler: Arc<ReconcilerStatus>,
     pub docker_endpoint: String,
+    /// Turns `true` when the daemon stops: ends open event streams, so the
+    /// graceful shutdown does not wait on followers forever.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// For reading only (container logs, call counters): the API never acts on containers.
+    pub docker: crate::docker::DockerClient,
+    /// The resource sampler's feed and the `/metrics` totals.
+    pub telemetry: metrics::Telemetry,
+    /// Asks the prune task for a pass (`POST /v1/prune`).
+    pub prune: crate::prune::PruneHandle,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -42,6 +55,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/backends/{id}", get(get_backend))
         .route("/v1/backends/{id}/terminate", post(terminate_backend))
         .route("/v1/backends/{id}/events", get(backend_events))
+        .route("/v1/events", get(events::events))
+        .route("/v1/backends/{id}/metrics", get(metrics::backend_metrics))
+        .route("/v1/backends/{id}/logs", get(metrics::backend_logs))
+        .route("/metrics", get(metrics::prometheus))
+        .route("/v1/prune", post(prune::prune_now))
+        .route("/v1/prune-runs", get(prune::prune_runs))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
@@ -139,6 +158,9 @@ pub struct BackendView {
     pub exit_code: Option<i32>,
     pub oom_killed: Option<bool>,
     pub error: Option<String>,
+    /// The last progress line of the image pull, once one was pulled.
+    #[serde(default)]
+    pub loading_detail: Option<String>,
     pub executable: Value,
     pub created_at: String,
     pub updated_at: String,
@@ -156,6 +178,7 @@ impl From<&BackendRow> for BackendView {
             exit_code: row.exit_code,
             oom_killed: row.oom_killed,
             error: row.error.clone(),
+            loading_detail: None,
             executable: serde_json::to_value(row.spec.redacted()).expect("spec serializes"),
             created_at: rfc3339(row.created_at),
             updated_at: rfc3339(row.updated_at),
@@ -211,10 +234,33 @@ pub struct SpawnRequest {
     pub spec: ExecutorSpec,
 }
 
+/// Parses a JSON request body; a field of the wrong type is named by its
+/// path (`id: invalid type ...`), anything else is an invalid body.
+fn parse_json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    if body.trim_ascii_start().starts_with(b"[") {
+        // serde would read a struct from an array; request bodies are objects.
+        return Err(ApiError::BadRequest(
+            "invalid request body: invalid type: sequence, expected an object".into(),
+        ));
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let parsed = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let path = crate::model::error_field_path(&e);
+        if path.is_empty() {
+            ApiError::BadRequest(format!("invalid request body: {}", e.into_inner()))
+        } else {
+            ApiError::BadRequest(format!("{path}: {}", e.into_inner()))
+        }
+    })?;
+    deserializer
+        .end()
+        .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?;
+    Ok(parsed)
+}
+
 /// Parses and validates a spawn body; the error names the offending field.
 pub fn parse_spawn(body: &[u8], config: &Config) -> ApiResult<SpawnRequest> {
-    let body: SpawnBody = serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?;
+    let body: SpawnBody = parse_json_body(body)?;
     let id = match body.id {
         Some(raw) => BackendName::parse(&raw).map_err(|e| ApiError::BadRequest(format!("id: {e}")))?,
         None => BackendName::new_random(),
@@ -247,7 +293,7 @@ async fn spawn_backend(
     let request = parse_spawn(&body?, &state.config)?;
     let outcome = state
         .store
-        .create_backend(&request.id, &request.spec, now_millis())
+        .create_backend(&request.id, &request.spec, None, now_millis())
         .await?;
     Ok(match outcome {
         CreateOutcome::Created(row) => {
@@ -287,7 +333,15 @@ async fn list_backends(
         .store
         .list_backends(status, !query.live.unwrap_or(false))
         .await?;
-    Ok(Json(rows.iter().map(BackendView::from).collect()))
+    let mut details = state.store.loading_details().await?;
+    Ok(Json(
+        rows.iter()
+            .map(|row| BackendView {
+                loading_detail: details.remove(row.id.as_str()),
+                ..BackendView::from(row)
+            })
+            .collect(),
+    ))
 }
 
 fn parse_id(raw: &str) -> ApiResult<BackendName> {
@@ -306,7 +360,11 @@ async fn get_backend(
     Path(id): Path<String>,
 ) -> ApiResult<Json<BackendView>> {
     let id = parse_id(&id)?;
-    Ok(Json(BackendView::from(&load(&state.store, &id).await?)))
+    let row = load(&state.store, &id).await?;
+    Ok(Json(BackendView {
+        loading_detail: state.store.loading_detail(&id).await?,
+        ..BackendView::from(&row)
+    }))
 }
 
 #[derive(Deserialize, Default)]

@@ -21,6 +21,19 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
+mod check;
+mod launch;
+mod loading;
+pub mod metrics;
+mod outbox;
+mod prune;
+pub mod sql;
+
+pub use check::ReadOnlyStore;
+pub use launch::{Launch, LaunchKey};
+pub use outbox::{ExitRow, HistoryFollower, HistoryItem};
+pub use prune::{PruneRunRow, PruneTotals, PulledImage};
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -34,6 +47,8 @@ pub enum StoreError {
     },
     #[error("database {path} was written by a newer drover (schema version {version} is unknown to this binary); upgrade drover or use another database")]
     NewerSchema { path: PathBuf, version: i64 },
+    #[error("database {path} does not exist")]
+    Missing { path: PathBuf },
     #[error("cannot migrate database: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database unavailable: {0}")]
@@ -217,21 +232,26 @@ impl Store {
         self.history_changed.send_modify(|n| *n += 1);
     }
 
-    /// Inserts a backend and its `scheduled` event in one transaction; an
-    /// existing id is returned as it is (same spec) or as a conflict.
+    /// Inserts a backend (with its key and static token, if any) and its
+    /// `scheduled` event in one transaction; an existing id is returned as it
+    /// is (same spec and launch) or as a conflict.
     pub async fn create_backend(
         &self,
         id: &BackendName,
         spec: &ExecutorSpec,
+        launch: Option<&Launch>,
         now: Millis,
     ) -> Result<CreateOutcome> {
         let spec_json = serde_json::to_string(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let state = BackendState::Scheduled;
         let state_json = serde_json::to_string(&state).expect("state serializes");
+        let launch = launch.cloned().unwrap_or_default();
+        let key = launch.key.as_ref();
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
-            "INSERT INTO backends (id, spec, image, desired, status, state, created_at_ms, updated_at_ms) \
-             VALUES (?, ?, ?, 'running', 'scheduled', ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO backends (id, spec, image, desired, status, state, created_at_ms, updated_at_ms, \
+             key_name, key_namespace, key_tag, fencing_token, static_token) \
+             VALUES (?, ?, ?, 'running', 'scheduled', ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
         )
         .bind(id.as_str())
         .bind(&spec_json)
@@ -239,6 +259,11 @@ impl Store {
         .bind(&state_json)
         .bind(now)
         .bind(now)
+        .bind(key.map(|k| k.name.as_str()))
+        .bind(key.map(|k| k.namespace.as_str()))
+        .bind(key.map(|k| k.tag.as_str()))
+        .bind(key.map(|k| k.fencing_token))
+        .bind(launch.static_token.as_deref())
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -249,6 +274,7 @@ impl Store {
         let row = fetch_backend(&mut *tx, id)
             .await?
             .ok_or_else(|| StoreError::Corrupt(format!("backend {id} vanished after insert")))?;
+        let same_launch = inserted || launch::fetch_launch(&mut tx, id).await? == Some(launch);
         tx.commit().await?;
         if inserted {
             self.desired_changed.notify_one();
@@ -256,7 +282,7 @@ impl Store {
         }
         Ok(if inserted {
             CreateOutcome::Created(row)
-        } else if row.spec == *spec {
+        } else if row.spec == *spec && same_launch {
             CreateOutcome::Existing(row)
         } else {
             CreateOutcome::Conflict(row)
@@ -300,7 +326,11 @@ impl Store {
         reason: TerminationReason,
         now: Millis,
     ) -> Result<TerminateOutcome> {
-        let mut tx = self.pool.begin().await?;
+        // IMMEDIATE: this transaction reads, then writes. A deferred one would
+        // take a read snapshot first, and its write then fails at once with
+        // SQLITE_BUSY (no busy timeout applies) if the reconciler committed in
+        // between.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let Some(row) = fetch_backend(&mut *tx, id).await? else {
             return Ok(TerminateOutcome::NotFound);
         };
@@ -663,15 +693,15 @@ mod tests {
         let (_dir, store) = temp_store().await;
         let id = BackendName::parse("ba-one").unwrap();
         assert!(matches!(
-            store.create_backend(&id, &spec("a"), 1).await.unwrap(),
+            store.create_backend(&id, &spec("a"), None, 1).await.unwrap(),
             CreateOutcome::Created(_)
         ));
         assert!(matches!(
-            store.create_backend(&id, &spec("a"), 2).await.unwrap(),
+            store.create_backend(&id, &spec("a"), None, 2).await.unwrap(),
             CreateOutcome::Existing(_)
         ));
         assert!(matches!(
-            store.create_backend(&id, &spec("b"), 3).await.unwrap(),
+            store.create_backend(&id, &spec("b"), None, 3).await.unwrap(),
             CreateOutcome::Conflict(_)
         ));
         let events = store.events_for(&id).await.unwrap();
@@ -683,7 +713,7 @@ mod tests {
     async fn transition_is_compare_and_set_on_status() {
         let (_dir, store) = temp_store().await;
         let id = BackendName::parse("ba-two").unwrap();
-        store.create_backend(&id, &spec("a"), 1).await.unwrap();
+        store.create_backend(&id, &spec("a"), None, 1).await.unwrap();
         let loading = Transition::new(BackendState::Loading, EventSource::Reconciler, 2);
         assert!(store
             .record_transition(&id, BackendStatus::Scheduled, &loading)
@@ -704,7 +734,7 @@ mod tests {
     async fn history_is_append_only_and_one_terminated_per_backend() {
         let (_dir, store) = temp_store().await;
         let id = BackendName::parse("ba-three").unwrap();
-        store.create_backend(&id, &spec("a"), 1).await.unwrap();
+        store.create_backend(&id, &spec("a"), None, 1).await.unwrap();
         let err = sqlx::query("DELETE FROM backend_events")
             .execute(store.pool())
             .await
@@ -733,7 +763,7 @@ mod tests {
     async fn termination_request_keeps_hard_over_soft() {
         let (_dir, store) = temp_store().await;
         let id = BackendName::parse("ba-four").unwrap();
-        store.create_backend(&id, &spec("a"), 1).await.unwrap();
+        store.create_backend(&id, &spec("a"), None, 1).await.unwrap();
         let missing = BackendName::parse("ba-nope").unwrap();
         assert!(matches!(
             store

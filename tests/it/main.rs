@@ -4,4 +4,16 @@
 
 mod support;
 
+mod api;
+mod cli;
+mod crash;
+mod engine;
+mod hostile;
+mod isolation;
 mod lifecycle;
+mod metrics;
+mod registry_pull;
+mod prune;
+mod sql;
+mod events;
+mod runtime;

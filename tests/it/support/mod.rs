@@ -9,6 +9,8 @@
 #![allow(dead_code)]
 
 mod image;
+pub mod private_engine;
+pub mod registry;
 
 pub use image::test_image;
 

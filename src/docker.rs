@@ -577,6 +577,37 @@ impl DockerClient {
         }
     }
 
+    /// The last `die` of the backend's container within `window`, from
+    /// Docker's event log (a bounded replay, not a live stream).
+    pub async fn recent_exit(
+        &self,
+        backend: &BackendName,
+        window: std::time::Duration,
+    ) -> Result<Option<ObservedExit>> {
+        let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0);
+        let since = now - window.as_nanos() as i64;
+        let events: Vec<ContainerEvent> = self
+            .events(Some(docker_timestamp(since)), Some(docker_timestamp(now)))
+            .try_collect()
+            .await?;
+        let oom = events
+            .iter()
+            .any(|e| e.backend == *backend && e.action == ContainerAction::Oom);
+        Ok(events
+            .into_iter()
+            .filter(|e| e.backend == *backend)
+            .filter_map(|e| match e.action {
+                ContainerAction::Die { exit_code } => Some(ObservedExit {
+                    exit_code,
+                    finished_at: e.time_ms,
+                    oom_killed: oom,
+                    source: EventSource::DockerEvent,
+                }),
+                _ => None,
+            })
+            .last())
+    }
+
     /// Docker's events for this instance's containers. With `until`, the
     /// stream ends there (a replay); without, it follows live.
     pub fn events(

@@ -100,6 +100,10 @@ impl From<DockerError> for Failure {
 
 const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
 
+/// How far back Docker's event log is searched for the `die` of a container
+/// that vanished.
+const RECENT_EXIT_WINDOW: Duration = Duration::from_secs(600);
+
 /// How often, at most, a pull's progress is written as the loading detail.
 pub const LOADING_DETAIL_EVERY: Duration = Duration::from_secs(1);
 
@@ -150,10 +154,9 @@ impl Executor {
             Action::PrepareImage => self.prepare_image(row).await,
             Action::CreateContainer => self.create_container(row).await,
             Action::StartContainer { container_id } => {
-                self.docker
-                    .start(&container_id)
-                    .await
-                    .map_err(|e| container_failure("start", &row.spec, e))?;
+                if !self.start(row, &container_id).await? {
+                    return Ok(ContainerUpdate::Gone);
+                }
                 crash::point("after_start");
                 self.record_waiting(row, &container_id).await
             }
@@ -377,12 +380,27 @@ impl Executor {
             Err(e) => return Err(container_failure("create", &row.spec, e)),
         };
         crash::point("after_create");
-        self.docker
-            .start(&container_id)
-            .await
-            .map_err(|e| container_failure("start", &row.spec, e))?;
+        if !self.start(row, &container_id).await? {
+            return Ok(ContainerUpdate::Gone);
+        }
         crash::point("after_start");
         self.record_waiting(row, &container_id).await
+    }
+
+    /// Starts the container; false when Docker does not know it (any more, or
+    /// yet: a create sent by a process killed mid-request is listed before
+    /// Docker has finished it). Not an error of the backend: the planner
+    /// decides again from a fresh picture, and a create then finds the name
+    /// taken and adopts whatever container holds it.
+    async fn start(&self, row: &BackendRow, container_id: &str) -> Result<bool, Failure> {
+        match self.docker.start(container_id).await {
+            Ok(()) => Ok(true),
+            Err(DockerError::NotFound(message)) => {
+                tracing::info!(backend = %row.id, container_id, %message, "container to start not found");
+                Ok(false)
+            }
+            Err(e) => Err(container_failure("start", &row.spec, e)),
+        }
     }
 
     fn container_options(&self, row: &BackendRow, launch: &Launch) -> Result<ContainerOptions, Failure> {
@@ -520,6 +538,13 @@ impl Executor {
 
     /// The container vanished: its `die` event's exit if one was seen, else `lost`.
     async fn record_gone(&self, row: &BackendRow, exit: Option<ObservedExit>) -> Result<(), Failure> {
+        // A resync can list the world after a removal but before the stream
+        // delivered the `die` event: ask Docker's event log once before
+        // settling for "lost".
+        let exit = match exit {
+            Some(exit) => Some(exit),
+            None => self.docker.recent_exit(&row.id, RECENT_EXIT_WINDOW).await?,
+        };
         if let Some(exit) = exit {
             return self.record_exit(row, exit).await;
         }

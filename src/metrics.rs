@@ -153,7 +153,10 @@ pub async fn forward(
                 }
             }
             Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::warn!(missed, "metrics callbacks too slow; samples skipped (still stored)");
+                tracing::warn!(
+                    missed,
+                    "metrics callbacks too slow; samples skipped (still stored)"
+                );
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }
@@ -269,7 +272,11 @@ impl Sampler {
         }
         let cutoff = now_millis() - self.retention.as_millis().min(i64::MAX as u128) as i64;
         for _ in 0..RETENTION_BATCHES_PER_TICK {
-            match self.store.delete_samples_before(cutoff, RETENTION_BATCH).await {
+            match self
+                .store
+                .delete_samples_before(cutoff, RETENTION_BATCH)
+                .await
+            {
                 Ok(deleted) => {
                     report.deleted += deleted;
                     if deleted < u64::from(RETENTION_BATCH) {
@@ -344,9 +351,12 @@ impl Sampler {
             self.baselines.insert(id, (container, sample.baseline()));
             samples.push(sample);
         }
-        samples.sort_by(|a, b| (a.timestamp_ms, &a.backend_id).cmp(&(b.timestamp_ms, &b.backend_id)));
+        samples
+            .sort_by(|a, b| (a.timestamp_ms, &a.backend_id).cmp(&(b.timestamp_ms, &b.backend_id)));
         let status = &self.feed.status;
-        status.errors.fetch_add(report.errors as u64, Ordering::Relaxed);
+        status
+            .errors
+            .fetch_add(report.errors as u64, Ordering::Relaxed);
         if samples.is_empty() {
             return;
         }
@@ -355,7 +365,9 @@ impl Sampler {
             return;
         }
         report.samples = samples.len();
-        status.samples.fetch_add(samples.len() as u64, Ordering::Relaxed);
+        status
+            .samples
+            .fetch_add(samples.len() as u64, Ordering::Relaxed);
         for sample in samples {
             // No subscriber is not an error: the rows are stored.
             let _ = self.feed.sender.send(sample);
@@ -372,7 +384,10 @@ struct Reading {
 }
 
 /// One stats call, bounded by [`STATS_TIMEOUT`].
-async fn read_stats(docker: &DockerClient, container: &str) -> Result<Option<ContainerStats>, DockerError> {
+async fn read_stats(
+    docker: &DockerClient,
+    container: &str,
+) -> Result<Option<ContainerStats>, DockerError> {
     match tokio::time::timeout(STATS_TIMEOUT, docker.stats(container)).await {
         Ok(result) => result,
         Err(_) => Err(DockerError::Unavailable {
@@ -405,10 +420,17 @@ mod tests {
         let first = MetricsSample::from_reading(id.clone(), 1, &reading(500, 10_000), None);
         assert_eq!((first.cpu_used, first.sys_cpu), (None, None));
         assert_eq!((first.mem_used, first.mem_limit), (8, 100));
-        let second =
-            MetricsSample::from_reading(id.clone(), 2, &reading(800, 14_000), Some(first.baseline()));
+        let second = MetricsSample::from_reading(
+            id.clone(),
+            2,
+            &reading(800, 14_000),
+            Some(first.baseline()),
+        );
         assert_eq!((second.cpu_used, second.sys_cpu), (Some(300), Some(4_000)));
-        assert_eq!((second.cpu_total_ns, second.sys_cpu_total_ns), (800, 14_000));
+        assert_eq!(
+            (second.cpu_total_ns, second.sys_cpu_total_ns),
+            (800, 14_000)
+        );
     }
 
     #[tokio::test]
@@ -429,8 +451,12 @@ mod tests {
         }
         let id = BackendName::parse("ba-fwd").unwrap();
         let first = MetricsSample::from_reading(id.clone(), 1, &reading(500, 10_000), None);
-        let second =
-            MetricsSample::from_reading(id.clone(), 2, &reading(800, 14_000), Some(first.baseline()));
+        let second = MetricsSample::from_reading(
+            id.clone(),
+            2,
+            &reading(800, 14_000),
+            Some(first.baseline()),
+        );
         feed.sender.send(first).unwrap();
         feed.sender.send(second).unwrap();
         let message = seen.recv().await.unwrap();
@@ -439,7 +465,10 @@ mod tests {
         assert_eq!((message.mem_used, message.mem_limit), (8, 100));
         stop_tx.send(true).unwrap();
         forwarder.await.unwrap();
-        assert!(seen.try_recv().is_err(), "the first sample has no CPU deltas");
+        assert!(
+            seen.try_recv().is_err(),
+            "the first sample has no CPU deltas"
+        );
     }
 
     #[test]

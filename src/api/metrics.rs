@@ -208,7 +208,10 @@ pub(super) async fn prometheus(State(state): State<ApiState>) -> ApiResult<Respo
     let handle = recorder.handle();
     ::metrics::with_local_recorder(&recorder, || record_series(&state, &by_status, &history));
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         handle.render(),
     )
         .into_response())
@@ -263,15 +266,28 @@ fn record_series(state: &ApiState, by_status: &[(String, u64)], history: &Histor
     );
     counter!("drover_docker_event_stream_reconnects_total")
         .absolute(reconciler.stream_reconnects.load(Ordering::Relaxed));
-    describe_gauge!("drover_docker_up", "1 when the Docker engine answers, else 0.");
-    gauge!("drover_docker_up").set(if reconciler.docker_up.load(Ordering::Relaxed) { 1.0 } else { 0.0 });
+    describe_gauge!(
+        "drover_docker_up",
+        "1 when the Docker engine answers, else 0."
+    );
+    gauge!("drover_docker_up").set(if reconciler.docker_up.load(Ordering::Relaxed) {
+        1.0
+    } else {
+        0.0
+    });
 
     let calls = state.docker.calls();
-    describe_counter!("drover_docker_calls_total", "Docker API calls made, by endpoint.");
+    describe_counter!(
+        "drover_docker_calls_total",
+        "Docker API calls made, by endpoint."
+    );
     for (endpoint, count) in calls.snapshot() {
         counter!("drover_docker_calls_total", "endpoint" => endpoint).absolute(count);
     }
-    describe_counter!("drover_docker_errors_total", "Docker API calls that failed.");
+    describe_counter!(
+        "drover_docker_errors_total",
+        "Docker API calls that failed."
+    );
     counter!("drover_docker_errors_total").absolute(calls.errors.load(Ordering::Relaxed));
 
     let sampler = state.telemetry.feed.status();
@@ -294,7 +310,8 @@ fn record_series(state: &ApiState, by_status: &[(String, u64)], history: &Histor
         "drover_metrics_samples_deleted_total",
         "Resource samples deleted by retention."
     );
-    counter!("drover_metrics_samples_deleted_total").absolute(sampler.deleted.load(Ordering::Relaxed));
+    counter!("drover_metrics_samples_deleted_total")
+        .absolute(sampler.deleted.load(Ordering::Relaxed));
 }
 
 #[cfg(test)]
@@ -305,7 +322,10 @@ mod tests {
     fn since_takes_rfc3339_or_millis() {
         assert_eq!(parse_since("1700000000123"), Ok(1_700_000_000_123));
         assert_eq!(parse_since("2024-01-01T00:00:00.5Z"), Ok(1_704_067_200_500));
-        assert_eq!(parse_since("2024-01-01T01:00:00+01:00"), Ok(1_704_067_200_000));
+        assert_eq!(
+            parse_since("2024-01-01T01:00:00+01:00"),
+            Ok(1_704_067_200_000)
+        );
         let err = parse_since("yesterday").unwrap_err();
         assert!(err.starts_with("since:"), "{err}");
     }

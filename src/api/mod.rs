@@ -133,14 +133,21 @@ type ApiResult<T> = Result<T, ApiError>;
 async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     if let Some(expected) = &state.config.api_token {
         use subtle::ConstantTimeEq;
+        // The scheme is case-insensitive (RFC 7235); the token is compared in
+        // constant time, so its bytes cannot be guessed one at a time.
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token);
         if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
-            return ApiError::Unauthorized.into_response();
+            let mut response = ApiError::Unauthorized.into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            return response;
         }
     }
     next.run(request).await

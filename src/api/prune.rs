@@ -46,11 +46,10 @@ impl From<PruneRunRow> for PruneRunView {
 }
 
 impl From<PruneError> for ApiError {
+    /// Both mean "no pass now, maybe later": the task is stopping, or the
+    /// store could not take the pass's writes.
     fn from(error: PruneError) -> Self {
-        match error {
-            PruneError::Stopped => ApiError::Unavailable(error.to_string()),
-            PruneError::Failed(_) => ApiError::Unavailable(error.to_string()),
-        }
+        ApiError::Unavailable(error.to_string())
     }
 }
 

@@ -22,7 +22,8 @@ pub struct HistoryTotals {
     pub exits: Vec<(Option<i32>, u64)>,
 }
 
-const SAMPLE_COLUMNS: &str = "backend_id, timestamp_ms, mem_total, mem_used, mem_active, mem_inactive, \
+const SAMPLE_COLUMNS: &str =
+    "backend_id, timestamp_ms, mem_total, mem_used, mem_active, mem_inactive, \
      mem_unevictable, mem_limit, cpu_used, sys_cpu, cpu_total_ns, sys_cpu_total_ns";
 
 /// SQLite integers are signed; no real counter comes near the top bit.
@@ -143,10 +144,9 @@ impl Store {
     pub async fn add_history_totals(&self, totals: &mut HistoryTotals) -> Result<()> {
         let after = totals.last_event_id;
         let mut tx = self.pool().begin().await?;
-        let last: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(event_id) FROM backend_events")
-                .fetch_one(&mut *tx)
-                .await?;
+        let last: Option<i64> = sqlx::query_scalar("SELECT MAX(event_id) FROM backend_events")
+            .fetch_one(&mut *tx)
+            .await?;
         let Some(last) = last.filter(|last| *last > after) else {
             return Ok(());
         };

@@ -21,7 +21,8 @@ async fn count(daemon: &Daemon, table: &str) -> i64 {
 /// `2024-01-02T03:04:05.678Z`: RFC 3339, UTC, exactly three fraction digits.
 fn is_rfc3339_utc_millis(text: &str) -> bool {
     let bytes = text.as_bytes();
-    let digits = |range: std::ops::Range<usize>| range.into_iter().all(|i| bytes[i].is_ascii_digit());
+    let digits =
+        |range: std::ops::Range<usize>| range.into_iter().all(|i| bytes[i].is_ascii_digit());
     bytes.len() == 24
         && digits(0..4)
         && bytes[4] == b'-'
@@ -58,13 +59,19 @@ async fn spawning_the_same_id_twice_is_idempotent_and_a_different_spec_conflicts
     other["executable"]["env"]["A"] = json!("2");
     let (conflict_status, conflict) = daemon.post("/v1/backends", other).await;
     assert_eq!(conflict_status, 409, "{conflict}");
-    assert!(conflict["error"].as_str().unwrap().contains(&id), "{conflict}");
+    assert!(
+        conflict["error"].as_str().unwrap().contains(&id),
+        "{conflict}"
+    );
 
     daemon.wait_status(&id, "ready", READY_WITHIN).await;
     let (late_status, late) = daemon.post("/v1/backends", body).await;
     assert_eq!(late_status, 200, "{late}");
     assert_eq!(late["status"], "ready");
-    assert_eq!(late["executable"]["env"]["A"], "1", "the conflicting spec changed nothing");
+    assert_eq!(
+        late["executable"]["env"]["A"], "1",
+        "the conflicting spec changed nothing"
+    );
     assert_eq!(count(&daemon, "backends").await, 1);
     assert_eq!(
         daemon.statuses(&id).await,
@@ -80,27 +87,39 @@ async fn every_bad_spawn_input_is_a_400_naming_the_field_and_writes_nothing() {
     let image = test_image();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         // Syntax errors say where they are.
-        ("malformed JSON", br#"{"executable": {"image": "#.to_vec(), "line 1 column"),
+        (
+            "malformed JSON",
+            br#"{"executable": {"image": "#.to_vec(),
+            "line 1 column",
+        ),
         ("not an object", b"42".to_vec(), "invalid request body"),
         ("no executable", br#"{"id": "ba-x"}"#.to_vec(), "executable"),
         (
             "unknown pull policy",
-            json!({"executable": {"image": image, "pull_policy": "Sometimes"}}).to_string().into_bytes(),
+            json!({"executable": {"image": image, "pull_policy": "Sometimes"}})
+                .to_string()
+                .into_bytes(),
             "pull_policy",
         ),
         (
             "unknown executable field",
-            json!({"executable": {"image": image, "colour": "red"}}).to_string().into_bytes(),
+            json!({"executable": {"image": image, "colour": "red"}})
+                .to_string()
+                .into_bytes(),
             "colour",
         ),
         (
             "invalid backend id",
-            json!({"id": "BA-Upper", "executable": {"image": image}}).to_string().into_bytes(),
+            json!({"id": "BA-Upper", "executable": {"image": image}})
+                .to_string()
+                .into_bytes(),
             "id",
         ),
         (
             "backend id with a bad character",
-            json!({"id": "ba-a_b", "executable": {"image": image}}).to_string().into_bytes(),
+            json!({"id": "ba-a_b", "executable": {"image": image}})
+                .to_string()
+                .into_bytes(),
             "id",
         ),
         (
@@ -112,17 +131,23 @@ async fn every_bad_spawn_input_is_a_400_naming_the_field_and_writes_nothing() {
         ),
         (
             "empty image",
-            json!({"executable": {"image": ""}}).to_string().into_bytes(),
+            json!({"executable": {"image": ""}})
+                .to_string()
+                .into_bytes(),
             "executable.image",
         ),
         (
             "mount path with ..",
-            json!({"executable": {"image": image, "mount": "a/../../etc"}}).to_string().into_bytes(),
+            json!({"executable": {"image": image, "mount": "a/../../etc"}})
+                .to_string()
+                .into_bytes(),
             "executable.mount",
         ),
         (
             "absolute mount path",
-            json!({"executable": {"image": image, "mount": "/etc"}}).to_string().into_bytes(),
+            json!({"executable": {"image": image, "mount": "/etc"}})
+                .to_string()
+                .into_bytes(),
             "executable.mount",
         ),
         (
@@ -144,12 +169,25 @@ async fn every_bad_spawn_input_is_a_400_naming_the_field_and_writes_nothing() {
     for (what, body, field) in cases {
         let (status, answer) = daemon.post_raw("/v1/backends", body).await;
         assert_eq!(status, 400, "{what}: {answer}");
-        let error = answer["error"].as_str().unwrap_or_else(|| panic!("{what}: no error: {answer}"));
-        assert!(error.contains(field), "{what}: error does not name {field:?}: {error}");
+        let error = answer["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: no error: {answer}"));
+        assert!(
+            error.contains(field),
+            "{what}: error does not name {field:?}: {error}"
+        );
     }
 
-    assert_eq!(count(&daemon, "backends").await, 0, "no backend row written");
-    assert_eq!(count(&daemon, "backend_events").await, 0, "no event row written");
+    assert_eq!(
+        count(&daemon, "backends").await,
+        0,
+        "no backend row written"
+    );
+    assert_eq!(
+        count(&daemon, "backend_events").await,
+        0,
+        "no event row written"
+    );
     assert!(daemon.containers().is_empty());
 }
 
@@ -159,7 +197,10 @@ async fn unknown_ids_are_404_and_invalid_ids_400_on_get_terminate_and_events() {
 
     let (get, body) = daemon.get("/v1/backends/ba-nosuchbackend").await;
     assert_eq!(get, 404, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("ba-nosuchbackend"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("ba-nosuchbackend"),
+        "{body}"
+    );
     assert_eq!(daemon.terminate("ba-nosuchbackend", false).await, 404);
     assert_eq!(daemon.terminate("ba-nosuchbackend", true).await, 404);
     let (events, body) = daemon.get("/v1/backends/ba-nosuchbackend/events").await;
@@ -178,15 +219,23 @@ async fn terminating_a_terminated_backend_is_a_200_no_op() {
     let id = daemon.spawn(None).await;
     daemon.wait_status(&id, "ready", READY_WITHIN).await;
     let (accepted, requested) = daemon
-        .post(&format!("/v1/backends/{id}/terminate"), json!({"hard": true}))
+        .post(
+            &format!("/v1/backends/{id}/terminate"),
+            json!({"hard": true}),
+        )
         .await;
     assert_eq!(accepted, 202, "{requested}");
     assert_eq!(requested["desired"], "terminated");
     let done = daemon.wait_status(&id, "terminated", READY_WITHIN).await;
     let events_before = daemon.events(&id).await;
 
-    for body in [json!({"hard": false}), json!({"hard": true, "reason": "swept"})] {
-        let (status, again) = daemon.post(&format!("/v1/backends/{id}/terminate"), body).await;
+    for body in [
+        json!({"hard": false}),
+        json!({"hard": true, "reason": "swept"}),
+    ] {
+        let (status, again) = daemon
+            .post(&format!("/v1/backends/{id}/terminate"), body)
+            .await;
         assert_eq!(status, 200, "{again}");
         assert_eq!(again, done, "nothing changed");
     }
@@ -214,7 +263,16 @@ async fn a_hard_terminate_during_a_soft_ones_grace_kills_at_once() {
 
     assert_eq!(
         daemon.statuses(&id).await,
-        ["scheduled", "loading", "starting", "waiting", "ready", "terminating", "hard-terminating", "terminated"]
+        [
+            "scheduled",
+            "loading",
+            "starting",
+            "waiting",
+            "ready",
+            "terminating",
+            "hard-terminating",
+            "terminated"
+        ]
     );
     assert_eq!(done["exit_code"], 137);
     assert_eq!(done["state"]["termination"], "hard");
@@ -228,7 +286,9 @@ async fn terminate_rejects_an_unknown_reason_and_a_malformed_body_and_changes_no
     daemon.wait_status(&id, "ready", READY_WITHIN).await;
     let path = format!("/v1/backends/{id}/terminate");
 
-    let (status, body) = daemon.post(&path, json!({"hard": true, "reason": "boredom"})).await;
+    let (status, body) = daemon
+        .post(&path, json!({"hard": true, "reason": "boredom"}))
+        .await;
     assert_eq!(status, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("reason"), "{body}");
     let (status, body) = daemon.post_raw(&path, b"{\"hard\": tru".to_vec()).await;
@@ -239,7 +299,9 @@ async fn terminate_rejects_an_unknown_reason_and_a_malformed_body_and_changes_no
     assert_eq!(backend["status"], "ready");
     assert_eq!(
         daemon
-            .query_one(&format!("SELECT termination_kind FROM backends WHERE id = '{id}'"))
+            .query_one(&format!(
+                "SELECT termination_kind FROM backends WHERE id = '{id}'"
+            ))
             .await,
         Value::Null
     );
@@ -290,18 +352,26 @@ async fn timestamps_are_rfc3339_utc_with_milliseconds() {
     assert_eq!(events.len(), 5, "{events:?}");
     let stored = query_json(
         &daemon.db_path(),
-        &format!("SELECT timestamp_ms FROM backend_events WHERE backend_id = '{id}' ORDER BY event_id"),
+        &format!(
+            "SELECT timestamp_ms FROM backend_events WHERE backend_id = '{id}' ORDER BY event_id"
+        ),
     )
     .await;
     for (event, row) in events.iter().zip(&stored) {
         let text = event["timestamp"].as_str().unwrap();
         assert!(is_rfc3339_utc_millis(text), "{event}");
         let parsed = chrono::DateTime::parse_from_rfc3339(text).unwrap();
-        assert_eq!(parsed.timestamp_millis(), row["timestamp_ms"].as_i64().unwrap());
+        assert_eq!(
+            parsed.timestamp_millis(),
+            row["timestamp_ms"].as_i64().unwrap()
+        );
         assert_eq!(event["backend_id"], id.as_str());
         assert!(event["event_id"].is_i64());
     }
-    let ids: Vec<i64> = events.iter().map(|e| e["event_id"].as_i64().unwrap()).collect();
+    let ids: Vec<i64> = events
+        .iter()
+        .map(|e| e["event_id"].as_i64().unwrap())
+        .collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "oldest first: {ids:?}");
 }
 
@@ -332,7 +402,13 @@ async fn the_database_file_and_its_wal_are_mode_0600() {
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
             .permissions()
             .mode();
-        assert_eq!(mode & 0o777, 0o600, "{} has mode {:o}", path.display(), mode & 0o777);
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "{} has mode {:o}",
+            path.display(),
+            mode & 0o777
+        );
     }
 }
 

@@ -125,7 +125,6 @@ async fn engine_restart_records_the_exits_it_caused_once_journals_the_outage_and
         // connections already open; an exit it did not stream is read with
         // inspect after the restart. Either way, once.
         let source = terminated[0]["source"].as_str().unwrap();
-        eprintln!("DEBUGSRC {id} {terminated:?} outage {outage}");
         assert!(["docker-event", "inspect"].contains(&source), "{terminated:?}");
         let died_at = terminated[0]["timestamp_ms"].as_i64().unwrap();
         assert!(

@@ -18,7 +18,12 @@ impl Drop for Foreign {
 
 /// `Running StartedAt Pid` of a container, to see it was never restarted or replaced.
 fn run_state(container: &str) -> String {
-    docker(&["inspect", "-f", "{{.State.Running}} {{.State.StartedAt}} {{.State.Pid}}", container])
+    docker(&[
+        "inspect",
+        "-f",
+        "{{.State.Running}} {{.State.StartedAt}} {{.State.Pid}}",
+        container,
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,7 +36,14 @@ async fn containers_without_this_instances_label_are_untouched() {
     let other_instance_name = format!("drover-it-other-instance-{suffix}");
     let mut foreign = Foreign(Vec::new());
     foreign.0.push(docker(&[
-        "run", "-d", "--name", &unlabelled_name, image, "sh", "-c", script,
+        "run",
+        "-d",
+        "--name",
+        &unlabelled_name,
+        image,
+        "sh",
+        "-c",
+        script,
     ]));
     foreign.0.push(docker(&[
         "run",
@@ -62,9 +74,13 @@ async fn containers_without_this_instances_label_are_untouched() {
     .await;
     // Its own backend lives and ends (SIGKILL after the 1 s grace) meanwhile.
     let id = daemon.spawn(None).await;
-    daemon.wait_status(&id, "ready", Duration::from_secs(30)).await;
+    daemon
+        .wait_status(&id, "ready", Duration::from_secs(30))
+        .await;
     assert_eq!(daemon.terminate(&id, false).await, 202);
-    let done = daemon.wait_status(&id, "terminated", Duration::from_secs(30)).await;
+    let done = daemon
+        .wait_status(&id, "terminated", Duration::from_secs(30))
+        .await;
     assert_eq!(done["exit_code"], 137);
     // Several resync intervals have passed over the foreign containers; the
     // wait is the point of the test (nothing must happen), not a condition.
@@ -74,11 +90,25 @@ async fn containers_without_this_instances_label_are_untouched() {
     }
 
     let after: Vec<String> = foreign.0.iter().map(|id| run_state(id)).collect();
-    assert_eq!(after, before, "foreign containers were restarted, signalled or replaced");
-    for (name, id) in [&unlabelled_name, &other_instance_name].into_iter().zip(&foreign.0) {
-        assert_eq!(&docker(&["inspect", "-f", "{{.Id}}", name]), id, "{name} is the same container");
+    assert_eq!(
+        after, before,
+        "foreign containers were restarted, signalled or replaced"
+    );
+    for (name, id) in [&unlabelled_name, &other_instance_name]
+        .into_iter()
+        .zip(&foreign.0)
+    {
+        assert_eq!(
+            &docker(&["inspect", "-f", "{{.Id}}", name]),
+            id,
+            "{name} is the same container"
+        );
     }
-    let own: Vec<String> = daemon.containers().into_iter().map(|(id, _, _)| id).collect();
+    let own: Vec<String> = daemon
+        .containers()
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect();
     assert!(own.iter().all(|c| !foreign.0.contains(c)), "{own:?}");
     assert_eq!(
         daemon.query_one("SELECT count(*) FROM backends").await,

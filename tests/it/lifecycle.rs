@@ -11,7 +11,12 @@ async fn backend_lives_scheduled_to_terminated_with_exact_history() {
     let id = daemon.spawn(None).await;
     let ready = daemon.wait_status(&id, "ready", READY_WITHIN).await;
     let address = ready["address"].as_str().unwrap().to_string();
-    let page = reqwest::get(format!("http://{address}/")).await.unwrap().text().await.unwrap();
+    let page = reqwest::get(format!("http://{address}/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(page, "hello from drover-test\n");
 
     assert_eq!(daemon.terminate(&id, false).await, 202);
@@ -20,7 +25,15 @@ async fn backend_lives_scheduled_to_terminated_with_exact_history() {
     assert_eq!(done["exit_code"], 137);
     assert_eq!(
         daemon.statuses(&id).await,
-        ["scheduled", "loading", "starting", "waiting", "ready", "terminating", "terminated"]
+        [
+            "scheduled",
+            "loading",
+            "starting",
+            "waiting",
+            "ready",
+            "terminating",
+            "terminated"
+        ]
     );
     let last = daemon.events(&id).await.pop().unwrap();
     assert_eq!(last["state"]["termination"], "soft");
@@ -62,7 +75,15 @@ async fn soft_terminate_of_a_process_ignoring_sigterm_ends_in_sigkill_after_the_
     let statuses = daemon.statuses(&id).await;
     assert_eq!(
         statuses,
-        ["scheduled", "loading", "starting", "waiting", "ready", "terminating", "terminated"],
+        [
+            "scheduled",
+            "loading",
+            "starting",
+            "waiting",
+            "ready",
+            "terminating",
+            "terminated"
+        ],
         "the SIGKILL ending a soft termination is no hard termination"
     );
     let db = row(&daemon, &id).await;
@@ -76,7 +97,10 @@ async fn soft_terminate_of_a_process_ignoring_sigterm_ends_in_sigkill_after_the_
     .await[0]["timestamp_ms"]
         .as_i64()
         .unwrap();
-    assert!(died_at >= kill_deadline, "died at {died_at}, before the kill deadline {kill_deadline}");
+    assert!(
+        died_at >= kill_deadline,
+        "died at {died_at}, before the kill deadline {kill_deadline}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,7 +120,12 @@ async fn soft_terminate_of_a_process_that_exits_on_sigterm_gives_its_own_exit_co
         .await;
     let ready = daemon.wait_status(&id, "ready", READY_WITHIN).await;
     let address = ready["address"].as_str().unwrap();
-    let page = reqwest::get(format!("http://{address}/")).await.unwrap().text().await.unwrap();
+    let page = reqwest::get(format!("http://{address}/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(page, "hello from drover-test\n");
 
     assert_eq!(daemon.terminate(&id, false).await, 202);
@@ -108,9 +137,21 @@ async fn soft_terminate_of_a_process_that_exits_on_sigterm_gives_its_own_exit_co
     assert_eq!(done["state"]["reason"], "external");
     assert_eq!(
         daemon.statuses(&id).await,
-        ["scheduled", "loading", "starting", "waiting", "ready", "terminating", "terminated"]
+        [
+            "scheduled",
+            "loading",
+            "starting",
+            "waiting",
+            "ready",
+            "terminating",
+            "terminated"
+        ]
     );
-    assert_eq!(row(&daemon, &id).await["last_signal"], "SIGTERM", "no SIGKILL was needed");
+    assert_eq!(
+        row(&daemon, &id).await["last_signal"],
+        "SIGTERM",
+        "no SIGKILL was needed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +182,15 @@ async fn hard_terminate_kills_at_once_and_records_a_hard_termination() {
     );
     assert_eq!(
         daemon.statuses(&id).await,
-        ["scheduled", "loading", "starting", "waiting", "ready", "hard-terminating", "terminated"]
+        [
+            "scheduled",
+            "loading",
+            "starting",
+            "waiting",
+            "ready",
+            "hard-terminating",
+            "terminated"
+        ]
     );
     let events = daemon.events(&id).await;
     assert_eq!(
@@ -165,16 +214,30 @@ async fn a_container_that_exits_by_itself_with_code_3_is_recorded_as_3_with_no_r
         ]))
         .await;
     let at_once = daemon.spawn(Some(&["sh", "-c", "exit 3"])).await;
-    let ready = daemon.wait_status(&after_ready, "ready", READY_WITHIN).await;
-    docker(&["exec", ready["container_id"].as_str().unwrap(), "touch", "/tmp/stop"]);
+    let ready = daemon
+        .wait_status(&after_ready, "ready", READY_WITHIN)
+        .await;
+    docker(&[
+        "exec",
+        ready["container_id"].as_str().unwrap(),
+        "touch",
+        "/tmp/stop",
+    ]);
 
     for id in [&after_ready, &at_once] {
         let done = daemon.wait_status(id, "terminated", READY_WITHIN).await;
         assert_eq!(done["exit_code"], 3, "{done}");
         assert_eq!(done["state"]["exit_code"], 3, "{done}");
-        assert_eq!(done["state"]["termination"], serde_json::Value::Null, "{done}");
+        assert_eq!(
+            done["state"]["termination"],
+            serde_json::Value::Null,
+            "{done}"
+        );
         assert_eq!(done["state"]["reason"], serde_json::Value::Null, "{done}");
-        assert_eq!(done["desired"], "running", "nobody asked for it to end: {done}");
+        assert_eq!(
+            done["desired"], "running",
+            "nobody asked for it to end: {done}"
+        );
         let events = daemon.events(id).await;
         let last = events.last().unwrap();
         assert_eq!(last["exit_code"], 3);
@@ -185,7 +248,14 @@ async fn a_container_that_exits_by_itself_with_code_3_is_recorded_as_3_with_no_r
     }
     assert_eq!(
         daemon.statuses(&after_ready).await,
-        ["scheduled", "loading", "starting", "waiting", "ready", "terminated"]
+        [
+            "scheduled",
+            "loading",
+            "starting",
+            "waiting",
+            "ready",
+            "terminated"
+        ]
     );
     let last = daemon.events(&after_ready).await.pop().unwrap();
     assert_eq!(last["state"]["last_status"], "ready");
@@ -204,7 +274,14 @@ async fn a_backend_whose_server_never_listens_hits_the_startup_timeout() {
 
     assert_eq!(
         daemon.statuses(&id).await,
-        ["scheduled", "loading", "starting", "waiting", "hard-terminating", "terminated"]
+        [
+            "scheduled",
+            "loading",
+            "starting",
+            "waiting",
+            "hard-terminating",
+            "terminated"
+        ]
     );
     let events = daemon.events(&id).await;
     assert_eq!(
@@ -251,9 +328,20 @@ async fn docker_rm_f_of_a_ready_backend_is_noticed_with_the_exit_code_of_its_die
     );
     assert_eq!(
         daemon.statuses(&id).await,
-        ["scheduled", "loading", "starting", "waiting", "ready", "terminated"]
+        [
+            "scheduled",
+            "loading",
+            "starting",
+            "waiting",
+            "ready",
+            "terminated"
+        ]
     );
     let last = daemon.events(&id).await.pop().unwrap();
     assert_eq!(last["source"], "docker-event");
-    assert!(daemon.containers().is_empty(), "nothing was re-created: {:?}", daemon.containers());
+    assert!(
+        daemon.containers().is_empty(),
+        "nothing was re-created: {:?}",
+        daemon.containers()
+    );
 }

@@ -22,11 +22,22 @@ fn sampling(interval: &str, retention: &str) -> DaemonConfig {
 fn series(page: &str, name: &str) -> Option<f64> {
     page.lines()
         .filter(|line| !line.starts_with('#'))
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
 }
 
 async fn scrape(daemon: &Daemon) -> String {
-    let response = daemon.http.get(daemon.url("/metrics")).send().await.expect("GET /metrics");
+    let response = daemon
+        .http
+        .get(daemon.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics");
     assert_eq!(response.status().as_u16(), 200);
     response.text().await.unwrap()
 }
@@ -94,11 +105,19 @@ async fn samples_appear_for_a_running_backend_with_its_memory_and_stop_when_it_e
     assert!(stored[0]["low"].as_i64().unwrap() > 0);
     // `since` (RFC 3339 or ms) leaves out older samples.
     let since = second["timestamp_ms"].as_i64().unwrap();
-    let (status, later) = daemon.get(&format!("/v1/backends/{id}/metrics?since={since}")).await;
+    let (status, later) = daemon
+        .get(&format!("/v1/backends/{id}/metrics?since={since}"))
+        .await;
     assert_eq!(status, 200);
-    assert!(later.as_array().unwrap().iter().all(|s| s["timestamp_ms"].as_i64().unwrap() >= since));
+    assert!(later
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["timestamp_ms"].as_i64().unwrap() >= since));
     assert!(later.as_array().unwrap().len() < samples(&daemon, &id).await.len());
-    let (status, body) = daemon.get(&format!("/v1/backends/{id}/metrics?since=yesterday")).await;
+    let (status, body) = daemon
+        .get(&format!("/v1/backends/{id}/metrics?since=yesterday"))
+        .await;
     assert_eq!(status, 400);
     assert!(body["error"].as_str().unwrap().contains("since"), "{body}");
 
@@ -107,7 +126,11 @@ async fn samples_appear_for_a_running_backend_with_its_memory_and_stop_when_it_e
     wait_ticks(&daemon, 1.0).await;
     let last = max_sample_time(&daemon, &id).await;
     wait_ticks(&daemon, 3.0).await;
-    assert_eq!(max_sample_time(&daemon, &id).await, last, "samples after the exit");
+    assert_eq!(
+        max_sample_time(&daemon, &id).await,
+        last,
+        "samples after the exit"
+    );
 
     let (status, _) = daemon.get("/v1/backends/ba-never-spawned/metrics").await;
     assert_eq!(status, 404);
@@ -122,7 +145,9 @@ async fn retention_deletes_samples_older_than_the_configured_age() {
         !samples(&daemon, &id).await.is_empty()
     })
     .await;
-    let first = samples(&daemon, &id).await[0]["timestamp_ms"].as_i64().unwrap();
+    let first = samples(&daemon, &id).await[0]["timestamp_ms"]
+        .as_i64()
+        .unwrap();
 
     // The backend keeps running: new samples come, the first one ages out.
     wait_for("the first sample to be deleted", SAMPLES_WITHIN, || async {
@@ -131,13 +156,21 @@ async fn retention_deletes_samples_older_than_the_configured_age() {
     })
     .await;
     let page = scrape(&daemon).await;
-    assert!(series(&page, "drover_metrics_samples_deleted_total").unwrap() >= 1.0, "{page}");
+    assert!(
+        series(&page, "drover_metrics_samples_deleted_total").unwrap() >= 1.0,
+        "{page}"
+    );
     // Bounded: ticks are at least 300 ms apart, so 2 s holds a handful of
     // samples (with slack for a tick's rows before its own retention pass).
     let count = daemon
-        .query_one(&format!("SELECT COUNT(*) FROM metrics_samples WHERE backend_id = '{id}'"))
+        .query_one(&format!(
+            "SELECT COUNT(*) FROM metrics_samples WHERE backend_id = '{id}'"
+        ))
         .await;
-    assert!(count.as_i64().unwrap() <= 12, "{count} samples kept for 2 s of retention");
+    assert!(
+        count.as_i64().unwrap() <= 12,
+        "{count} samples kept for 2 s of retention"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,33 +180,75 @@ async fn prometheus_page_counts_backends_transitions_exits_and_docker_calls() {
     daemon.wait_status(&id, "ready", READY_WITHIN).await;
 
     let page = scrape(&daemon).await;
-    assert_eq!(series(&page, r#"drover_backends{status="ready"}"#), Some(1.0), "{page}");
-    assert_eq!(series(&page, r#"drover_backends{status="terminated"}"#), Some(0.0), "{page}");
+    assert_eq!(
+        series(&page, r#"drover_backends{status="ready"}"#),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        series(&page, r#"drover_backends{status="terminated"}"#),
+        Some(0.0),
+        "{page}"
+    );
     for status in ["scheduled", "loading", "starting", "waiting", "ready"] {
         let name = format!(r#"drover_backend_transitions_total{{status="{status}"}}"#);
         assert_eq!(series(&page, &name), Some(1.0), "{name} in\n{page}");
     }
-    assert!(series(&page, "drover_reconcile_passes_total").unwrap() >= 1.0, "{page}");
-    assert!(series(&page, "drover_reconcile_pass_microseconds_total").unwrap() > 0.0, "{page}");
+    assert!(
+        series(&page, "drover_reconcile_passes_total").unwrap() >= 1.0,
+        "{page}"
+    );
+    assert!(
+        series(&page, "drover_reconcile_pass_microseconds_total").unwrap() > 0.0,
+        "{page}"
+    );
     for endpoint in ["create", "start", "list"] {
         let name = format!(r#"drover_docker_calls_total{{endpoint="{endpoint}"}}"#);
         assert!(series(&page, &name).unwrap() >= 1.0, "{name} in\n{page}");
     }
-    assert!(series(&page, "drover_docker_errors_total").is_some(), "{page}");
-    assert_eq!(series(&page, "drover_docker_event_stream_reconnects_total"), Some(0.0), "{page}");
+    assert!(
+        series(&page, "drover_docker_errors_total").is_some(),
+        "{page}"
+    );
+    assert_eq!(
+        series(&page, "drover_docker_event_stream_reconnects_total"),
+        Some(0.0),
+        "{page}"
+    );
     assert_eq!(series(&page, "drover_docker_up"), Some(1.0), "{page}");
-    assert!(page.contains("# TYPE drover_backend_transitions_total counter"), "{page}");
+    assert!(
+        page.contains("# TYPE drover_backend_transitions_total counter"),
+        "{page}"
+    );
     assert!(page.contains("# TYPE drover_backends gauge"), "{page}");
-    wait_for("a sample", SAMPLES_WITHIN, || async { !samples(&daemon, &id).await.is_empty() }).await;
+    wait_for("a sample", SAMPLES_WITHIN, || async {
+        !samples(&daemon, &id).await.is_empty()
+    })
+    .await;
 
     assert_eq!(daemon.terminate(&id, true).await, 202);
     daemon.wait_status(&id, "terminated", READY_WITHIN).await;
     let page = scrape(&daemon).await;
-    assert_eq!(series(&page, r#"drover_backends{status="ready"}"#), Some(0.0), "{page}");
-    assert_eq!(series(&page, r#"drover_backends{status="terminated"}"#), Some(1.0), "{page}");
-    assert_eq!(series(&page, r#"drover_backend_exits_total{exit_code="137"}"#), Some(1.0), "{page}");
     assert_eq!(
-        series(&page, r#"drover_backend_transitions_total{status="terminated"}"#),
+        series(&page, r#"drover_backends{status="ready"}"#),
+        Some(0.0),
+        "{page}"
+    );
+    assert_eq!(
+        series(&page, r#"drover_backends{status="terminated"}"#),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        series(&page, r#"drover_backend_exits_total{exit_code="137"}"#),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        series(
+            &page,
+            r#"drover_backend_transitions_total{status="terminated"}"#
+        ),
         Some(1.0),
         "{page}"
     );
@@ -190,7 +265,12 @@ async fn prometheus_page_requires_the_api_token_when_one_is_set() {
         ..DaemonConfig::default()
     })
     .await;
-    let bare = daemon.http.get(daemon.url("/metrics")).send().await.unwrap();
+    let bare = daemon
+        .http
+        .get(daemon.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bare.status().as_u16(), 401);
     let authorized = daemon
         .http
@@ -201,7 +281,11 @@ async fn prometheus_page_requires_the_api_token_when_one_is_set() {
         .unwrap();
     assert_eq!(authorized.status().as_u16(), 200);
     let page = authorized.text().await.unwrap();
-    assert_eq!(series(&page, r#"drover_backends{status="ready"}"#), Some(0.0), "{page}");
+    assert_eq!(
+        series(&page, r#"drover_backends{status="ready"}"#),
+        Some(0.0),
+        "{page}"
+    );
 }
 
 fn cli(daemon: &Daemon, args: &[&str]) -> std::process::Output {
@@ -251,7 +335,10 @@ async fn logs_of_a_backend_reach_the_api_and_the_cli_while_its_container_exists(
     let printed = String::from_utf8_lossy(&output.stdout);
     assert!(printed.contains("drover-log-line-42"), "{printed}");
 
-    wait_for("a sample", SAMPLES_WITHIN, || async { !samples(&daemon, &id).await.is_empty() }).await;
+    wait_for("a sample", SAMPLES_WITHIN, || async {
+        !samples(&daemon, &id).await.is_empty()
+    })
+    .await;
     let output = cli(&daemon, &["metrics", &id]);
     assert!(output.status.success(), "{output:?}");
     let table = String::from_utf8_lossy(&output.stdout);
@@ -292,13 +379,21 @@ async fn logs_of_a_backend_reach_the_api_and_the_cli_while_its_container_exists(
     let missing = daemon
         .spawn_executable(json!({"image": "drover-test/absent:never", "pull_policy": "Never"}))
         .await;
-    daemon.wait_status(&missing, "terminated", READY_WITHIN).await;
+    daemon
+        .wait_status(&missing, "terminated", READY_WITHIN)
+        .await;
     let (status, body) = daemon.get(&format!("/v1/backends/{missing}/logs")).await;
     assert_eq!(status, 409, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("no container"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("no container"),
+        "{body}"
+    );
     let output = cli(&daemon, &["logs", &missing]);
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("no container"), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("no container"),
+        "{output:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,5 +417,8 @@ async fn daemon_stops_promptly_while_a_client_follows_logs() {
     assert!(status.success(), "{status}");
     // The stream ended with the daemon; the backend's container keeps running.
     while let Ok(Some(_)) = follow.chunk().await {}
-    assert!(daemon.containers().iter().any(|(_, _, state)| state == "running"));
+    assert!(daemon
+        .containers()
+        .iter()
+        .any(|(_, _, state)| state == "running"));
 }

@@ -588,7 +588,8 @@ async fn how_backends_ended_groups_by_reason_and_kind() {
         assert_eq!(column(&result, row, "termination"), &termination);
         assert_eq!(column(&result, row, "backends"), 1);
         let answered = column(&result, row, "avg_lifetime_seconds").as_f64().unwrap();
-        assert!((answered - seconds).abs() < 0.051, "{how}: {answered} vs {seconds}");
+        // SQLite and Rust may round a value just under x.x5 differently.
+        assert!((answered - seconds).abs() < 0.11, "{how}: {answered} vs {seconds}");
     }
 }
 

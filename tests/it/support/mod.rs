@@ -446,3 +446,22 @@ pub fn remove_instance_containers(instance_id: &str) {
         let _ = try_docker(&args);
     }
 }
+
+impl Daemon {
+    /// Like [`Daemon::start_with`], in a temp dir the caller made (e.g. one
+    /// on a small tmpfs, to fill the database's disk).
+    pub async fn start_in(dir: tempfile::TempDir, config: DaemonConfig) -> Daemon {
+        test_image();
+        let mut daemon = Daemon {
+            dir,
+            config,
+            port: free_port(),
+            child: None,
+            http: reqwest::Client::new(),
+            instance_id: String::new(),
+        };
+        daemon.write_config();
+        daemon.launch().await;
+        daemon
+    }
+}

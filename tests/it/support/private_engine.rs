@@ -46,6 +46,11 @@ const SUBNET_THIRD_OCTETS: std::ops::RangeInclusive<u8> = 200..=254;
 
 static ENGINES_STARTED: AtomicU32 = AtomicU32::new(0);
 
+/// Temp folders of private engines are named `drover-engine.*`.
+const DIR_PREFIX: &str = "drover-engine.";
+/// File in an engine's folder holding the pid of the test process owning it.
+const OWNER_FILE: &str = "owner.pid";
+
 /// A `dockerd` of the test's own. See the module docs.
 pub struct PrivateEngine {
     dir: PathBuf,
@@ -87,14 +92,14 @@ impl PrivateEngine {
                 "{tool} not found (dockerd and docker: Debian's docker.io; ip: iproute2)"
             );
         }
-        remove_stale_bridges();
+        remove_leftovers_of_dead_runs();
         let name = format!(
             "drvt{}n{}",
             std::process::id(),
             ENGINES_STARTED.fetch_add(1, Ordering::Relaxed)
         );
         let dir = tempfile::Builder::new()
-            .prefix("drover-engine.")
+            .prefix(DIR_PREFIX)
             .tempdir()
             .expect("temp dir for the private engine")
             .keep();
@@ -114,6 +119,8 @@ impl PrivateEngine {
             engine.dir.display()
         );
         std::fs::write(engine.dir.join("daemon.json"), "{}\n").expect("write daemon.json");
+        std::fs::write(engine.dir.join(OWNER_FILE), std::process::id().to_string())
+            .expect("write owner file");
         engine.create_bridge();
         let dir = engine.dir.display().to_string();
         engine.args = vec![
@@ -384,55 +391,6 @@ impl PrivateEngine {
         let _ = child.kill();
         let _ = child.wait();
     }
-
-    /// Processes left by an engine that did not shut down cleanly: its
-    /// containerd and shims (their command lines name this engine's folder),
-    /// and the containers' processes under the shims.
-    fn kill_leftover_processes(&self) {
-        let dir = self.dir.display().to_string();
-        let me = std::process::id();
-        let processes = processes();
-        let owned: Vec<u32> = processes
-            .iter()
-            .filter(|p| p.pid != me && p.cmdline.contains(&dir))
-            .map(|p| p.pid)
-            .collect();
-        for process in &processes {
-            if owned.contains(&process.ppid) && !owned.contains(&process.pid) {
-                unsafe {
-                    libc::kill(process.pid as i32, libc::SIGKILL);
-                }
-            }
-        }
-        for pid in owned {
-            unsafe {
-                libc::kill(pid as i32, libc::SIGKILL);
-            }
-        }
-    }
-
-    /// Lazily unmounts every mount point under the engine's folder, deepest
-    /// first (the data root's bind mount, network namespaces, shm mounts).
-    fn unmount_all(&self) {
-        let dir = self.dir.display().to_string();
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut points: Vec<String> = mountinfo
-            .lines()
-            .filter_map(|line| line.split(' ').nth(4))
-            .map(unescape_mount_path)
-            .filter(|point| point == &dir || point.starts_with(&format!("{dir}/")))
-            .collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        points.dedup();
-        for point in points {
-            if let Ok(path) = std::ffi::CString::new(point) {
-                // SAFETY: a valid NUL-terminated path.
-                unsafe {
-                    libc::umount2(path.as_ptr(), libc::MNT_DETACH);
-                }
-            }
-        }
-    }
 }
 
 impl Drop for PrivateEngine {
@@ -450,8 +408,8 @@ impl Drop for PrivateEngine {
             }
         }
         self.shut_down(Duration::from_secs(30));
-        self.kill_leftover_processes();
-        self.unmount_all();
+        kill_processes_naming(&self.dir);
+        unmount_under(&self.dir);
         if self.bridge_created {
             let _ = Command::new("ip")
                 .args(["link", "delete", &self.name])
@@ -510,9 +468,81 @@ fn overlaps(a: (Ipv4Addr, u8), b: (Ipv4Addr, u8)) -> bool {
     (u32::from(a.0) & mask) == (u32::from(b.0) & mask)
 }
 
-/// Deletes bridges `drvt<pid>n<k>` whose test process is gone (a run that
-/// was killed before it could clean up).
-fn remove_stale_bridges() {
+/// Processes left by an engine that did not shut down cleanly: its dockerd,
+/// containerd and shims (their command lines name the engine's folder), and
+/// the containers' processes under the shims.
+fn kill_processes_naming(dir: &Path) {
+    let dir = dir.display().to_string();
+    let me = std::process::id();
+    let processes = processes();
+    let owned: Vec<u32> = processes
+        .iter()
+        .filter(|p| p.pid != me && p.cmdline.contains(&dir))
+        .map(|p| p.pid)
+        .collect();
+    for process in &processes {
+        if owned.contains(&process.ppid) && !owned.contains(&process.pid) {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe {
+                libc::kill(process.pid as i32, libc::SIGKILL);
+            }
+        }
+    }
+    for pid in owned {
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    }
+}
+
+/// Lazily unmounts every mount point under `dir`, deepest first (the data
+/// root's bind mount, network namespaces, shm mounts).
+fn unmount_under(dir: &Path) {
+    let dir = dir.display().to_string();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<String> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .filter(|point| point == &dir || point.starts_with(&format!("{dir}/")))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    points.dedup();
+    for point in points {
+        if let Ok(path) = std::ffi::CString::new(point) {
+            // SAFETY: a valid NUL-terminated path.
+            unsafe {
+                libc::umount2(path.as_ptr(), libc::MNT_DETACH);
+            }
+        }
+    }
+}
+
+/// Removes what engines of test processes that are gone left behind (a run
+/// killed before its engines were dropped): their processes, mounts and
+/// folders, and their bridges.
+fn remove_leftovers_of_dead_runs() {
+    let owner_gone = |pid: u32| !Path::new(&format!("/proc/{pid}")).exists();
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            let is_engine_dir = entry.file_name().to_string_lossy().starts_with(DIR_PREFIX);
+            let owner = std::fs::read_to_string(entry.path().join(OWNER_FILE))
+                .ok()
+                .and_then(|pid| pid.trim().parse::<u32>().ok());
+            if let (true, Some(owner)) = (is_engine_dir, owner) {
+                if owner_gone(owner) {
+                    kill_processes_naming(&entry.path());
+                    unmount_under(&entry.path());
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+    }
+    remove_stale_bridges(owner_gone);
+}
+
+/// Deletes bridges `drvt<pid>n<k>` whose test process is gone.
+fn remove_stale_bridges(owner_gone: impl Fn(u32) -> bool) {
     let Ok(output) = Command::new("ip").args(["-o", "link", "show", "type", "bridge"]).output() else {
         return;
     };
@@ -528,7 +558,7 @@ fn remove_stale_bridges() {
         else {
             continue;
         };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if owner_gone(pid) {
             let _ = Command::new("ip").args(["link", "delete", name]).status();
         }
     }

@@ -1,0 +1,307 @@
+//! The crash torture test (issue 3): a random workload of spawns, soft and
+//! hard terminations and `docker kill`s, with the daemon SIGKILLed at random
+//! instants and restarted, then, once everything has settled, `drover check`
+//! and the invariants:
+//!
+//! - every acknowledged spawn (`201`) has its backend row;
+//! - each live backend has exactly one container, running, the one its row names;
+//! - each stopped container's exit is recorded, once, with Docker's exit code;
+//! - no backend is stuck in a non-final status while its container is gone;
+//! - `PRAGMA integrity_check` is `ok` after every kill.
+//!
+//! Its size is `DROVER_TORTURE_ROUNDS` (default 3, the CI size); its random
+//! choices come from `DROVER_TORTURE_SEED` (printed, random by default), so a
+//! failing run's choices can be replayed (the timing of the machine cannot).
+//! Run it big with
+//! `DROVER_TORTURE_ROUNDS=200 cargo test --test torture -- --nocapture`.
+
+#[path = "it/support/mod.rs"]
+mod support;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+use support::*;
+
+/// Live backends above which the workload terminates instead of spawning, so
+/// a long run does not pile up containers.
+const MAX_LIVE: usize = 12;
+const SETTLE_WITHIN: Duration = Duration::from_secs(90);
+
+fn env_number(name: &str) -> Option<u64> {
+    let raw = std::env::var(name).ok()?;
+    Some(raw.parse().unwrap_or_else(|_| panic!("{name} must be a number, got {raw:?}")))
+}
+
+/// What the workload knows and has counted.
+#[derive(Default)]
+struct Ledger {
+    /// Spawns answered `201`: they must exist.
+    acknowledged: BTreeSet<String>,
+    /// Spawns sent without an answer (the daemon died): they may exist.
+    unanswered: BTreeSet<String>,
+    /// Backends believed live, to pick termination targets from.
+    live: Vec<String>,
+    kills: usize,
+    spawns: usize,
+    soft_terminations: usize,
+    hard_terminations: usize,
+    docker_kills: usize,
+    docker_removals: usize,
+}
+
+fn random_id(rng: &mut StdRng) -> String {
+    let suffix: String = (0..12)
+        .map(|_| {
+            let n = rng.gen_range(0..36u8);
+            (if n < 26 { b'a' + n } else { b'0' + n - 26 }) as char
+        })
+        .collect();
+    format!("ba-t{suffix}")
+}
+
+/// A random kind of backend: mostly the image's httpd; some end by themselves
+/// after a while with a chosen code; some never listen (the startup timeout
+/// ends them).
+fn random_executable(rng: &mut StdRng) -> Value {
+    let image = test_image();
+    match rng.gen_range(0..10) {
+        0..=5 => json!({ "image": image }),
+        6..=8 => {
+            let after = rng.gen_range(1..4);
+            let code = rng.gen_range(0..5);
+            let script = format!("httpd -p $PORT -h /www; sleep {after}; exit {code}");
+            json!({ "image": image, "command": ["sh", "-c", script] })
+        }
+        _ => json!({ "image": image, "command": ["sleep", "3600"] }),
+    }
+}
+
+fn container_of(backend: &str) -> Option<String> {
+    let filter = format!("name=^/plane-{backend}$");
+    try_docker(&["ps", "-a", "-q", "--no-trunc", "--filter", &filter])
+        .and_then(|out| out.lines().next().map(str::to_string))
+}
+
+/// One random operation against the running daemon.
+async fn operate(daemon: &Daemon, rng: &mut StdRng, ledger: &mut Ledger) {
+    let roll = rng.gen_range(0..10);
+    if roll < 5 && ledger.live.len() < MAX_LIVE || ledger.live.is_empty() {
+        let id = random_id(rng);
+        let body = json!({ "id": id, "executable": random_executable(rng) });
+        ledger.spawns += 1;
+        match daemon.http.post(daemon.url("/v1/backends")).json(&body).send().await {
+            Ok(response) if response.status().as_u16() == 201 => {
+                ledger.acknowledged.insert(id.clone());
+                ledger.live.push(id);
+            }
+            Ok(response) => panic!("spawn of {id} answered {}", response.status()),
+            Err(_) => {
+                ledger.unanswered.insert(id.clone());
+                ledger.live.push(id);
+            }
+        }
+        return;
+    }
+    let target = ledger.live.swap_remove(rng.gen_range(0..ledger.live.len()));
+    match roll {
+        0..=6 | 9 => {
+            let hard = roll == 9;
+            if hard {
+                ledger.hard_terminations += 1;
+            } else {
+                ledger.soft_terminations += 1;
+            }
+            let path = daemon.url(&format!("/v1/backends/{target}/terminate"));
+            let _ = daemon.http.post(path).json(&json!({ "hard": hard })).send().await;
+        }
+        _ => {
+            if let Some(container) = container_of(&target) {
+                ledger.docker_kills += 1;
+                let _ = try_docker(&["kill", &container]);
+            }
+        }
+    }
+}
+
+/// One random change to a container while the daemon is down.
+fn operate_while_down(rng: &mut StdRng, ledger: &mut Ledger) {
+    if ledger.live.is_empty() || rng.gen_bool(0.5) {
+        return;
+    }
+    let target = ledger.live.swap_remove(rng.gen_range(0..ledger.live.len()));
+    let Some(container) = container_of(&target) else {
+        return;
+    };
+    if rng.gen_bool(0.8) {
+        ledger.docker_kills += 1;
+        let _ = try_docker(&["kill", &container]);
+    } else {
+        ledger.docker_removals += 1;
+        let _ = try_docker(&["rm", "-f", &container]);
+    }
+}
+
+async fn assert_integrity(daemon: &Daemon) {
+    assert_eq!(daemon.query_one("PRAGMA integrity_check").await, "ok", "integrity_check");
+}
+
+async fn assert_acknowledged_exist(daemon: &Daemon, ledger: &Ledger) {
+    let known: BTreeSet<String> = query_json(&daemon.db_path(), "SELECT id FROM backends")
+        .await
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    let lost: Vec<&String> = ledger.acknowledged.difference(&known).collect();
+    assert!(lost.is_empty(), "acknowledged spawns lost: {lost:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_kills_lose_nothing_and_record_every_exit_once() {
+    let rounds = env_number("DROVER_TORTURE_ROUNDS").unwrap_or(3);
+    let seed = env_number("DROVER_TORTURE_SEED").unwrap_or_else(rand::random);
+    println!("torture: {rounds} rounds, DROVER_TORTURE_SEED={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let started = Instant::now();
+    let mut daemon = Daemon::start_with(DaemonConfig {
+        resync_interval: "300ms",
+        soft_terminate_grace: "1s",
+        startup_timeout: "5s",
+        ..DaemonConfig::default()
+    })
+    .await;
+    let mut ledger = Ledger::default();
+
+    for _ in 0..rounds {
+        // Operate until a random instant, then SIGKILL the daemon, whatever
+        // it is doing: the workload runs on, racing the kill.
+        let kill_at = Instant::now() + Duration::from_millis(rng.gen_range(0..1_500));
+        while Instant::now() < kill_at {
+            operate(&daemon, &mut rng, &mut ledger).await;
+            let pause = Duration::from_millis(rng.gen_range(0..150));
+            tokio::time::sleep(pause.min(kill_at.saturating_duration_since(Instant::now()))).await;
+        }
+        daemon.kill9();
+        ledger.kills += 1;
+        assert_integrity(&daemon).await;
+        assert_acknowledged_exist(&daemon, &ledger).await;
+        operate_while_down(&mut rng, &mut ledger);
+        daemon.launch().await;
+    }
+
+    // Let everything settle: each backend ready or terminated.
+    let settling = Instant::now();
+    let deadline = settling + SETTLE_WITHIN;
+    loop {
+        let unsettled = query_json(
+            &daemon.db_path(),
+            "SELECT id, status FROM backends WHERE status NOT IN ('ready', 'terminated')",
+        )
+        .await;
+        if unsettled.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not settled within {SETTLE_WITHIN:?} (seed {seed}): {unsettled:?}\nlog:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let settled_after = settling.elapsed();
+
+    // drover check: the database agrees with Docker.
+    let output = std::process::Command::new(BIN)
+        .args(["check", "--json", "--config"])
+        .arg(daemon.config_path())
+        .env_remove("DROVER_DB")
+        .output()
+        .expect("run drover check");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "drover check printed no report ({e}): {}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    assert_eq!(
+        report["discrepancies"],
+        json!([]),
+        "drover check found discrepancies (seed {seed}):\n{}\nlog:\n{}",
+        serde_json::to_string_pretty(&report).unwrap(),
+        daemon.log()
+    );
+    assert!(output.status.success(), "drover check failed: {}", String::from_utf8_lossy(&output.stderr));
+
+    // The invariants, checked here too, independently of drover check.
+    assert_integrity(&daemon).await;
+    assert_acknowledged_exist(&daemon, &ledger).await;
+    let rows: BTreeMap<String, Value> = query_json(
+        &daemon.db_path(),
+        "SELECT b.id, b.status, b.container_id, b.exit_code, b.error, \
+           (SELECT COUNT(*) FROM backend_events e WHERE e.backend_id = b.id AND e.status = 'terminated') AS terminated_rows \
+         FROM backends b",
+    )
+    .await
+    .into_iter()
+    .map(|r| (r["id"].as_str().unwrap().to_string(), r))
+    .collect();
+    let mut containers_by_backend: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for (container, name, state) in daemon.containers() {
+        let backend = name.trim_start_matches("plane-").to_string();
+        containers_by_backend.entry(backend).or_default().push((container, state));
+    }
+    let mut exits_checked = 0;
+    for (id, row) in &rows {
+        let terminated = row["status"] == "terminated";
+        let expected_terminated_rows = if terminated { 1 } else { 0 };
+        assert_eq!(row["terminated_rows"], expected_terminated_rows, "{id}: {row}");
+        let containers = containers_by_backend.remove(id).unwrap_or_default();
+        assert!(containers.len() <= 1, "{id} has several containers: {containers:?}");
+        match containers.first() {
+            None => assert!(terminated, "{id} is {} but its container is gone", row["status"]),
+            Some((container, state)) => {
+                assert_eq!(row["container_id"].as_str(), Some(container.as_str()), "{id}");
+                if !terminated {
+                    assert_eq!(state, "running", "{id} is {} with its container {state}", row["status"]);
+                } else if state == "exited" && row["error"].is_null() {
+                    let code: i64 = docker(&["inspect", "-f", "{{.State.ExitCode}}", container])
+                        .parse()
+                        .unwrap();
+                    assert_eq!(row["exit_code"], code, "{id}: recorded exit differs from docker's");
+                    exits_checked += 1;
+                } else {
+                    assert_ne!(state, "running", "{id} is terminated but its container runs");
+                }
+            }
+        }
+    }
+    assert!(
+        containers_by_backend.is_empty(),
+        "containers without a backend row: {containers_by_backend:?}"
+    );
+
+    let ready = rows.values().filter(|r| r["status"] == "ready").count();
+    println!(
+        "torture: seed {seed}, {rounds} rounds, {} daemon kills; {} spawns ({} acknowledged, {} unanswered), \
+         {} soft and {} hard terminations, {} docker kills, {} docker removals; \
+         {} backends ({ready} ready, {} terminated), {exits_checked} exits checked against docker, \
+         drover check: {} backends, {} containers, {} exits checked; settled in {settled_after:?}, total {:?}",
+        ledger.kills,
+        ledger.spawns,
+        ledger.acknowledged.len(),
+        ledger.unanswered.len(),
+        ledger.soft_terminations,
+        ledger.hard_terminations,
+        ledger.docker_kills,
+        ledger.docker_removals,
+        rows.len(),
+        rows.len() - ready,
+        report["backends"],
+        report["containers"],
+        report["exits_checked"],
+        started.elapsed(),
+    );
+}

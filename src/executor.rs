@@ -240,7 +240,7 @@ impl Executor {
                     },
                 };
                 match exit {
-                    Some(exit) => self.record_exit(row, exit).await?,
+                    Some(exit) => self.record_exit(row, Some(container_id), exit).await?,
                     None => self.record_gone(row, None).await?,
                 }
                 Ok(update)
@@ -525,11 +525,19 @@ impl Executor {
         Ok(())
     }
 
-    async fn record_exit(&self, row: &BackendRow, exit: ObservedExit) -> Result<(), Failure> {
+    /// Records `terminated` with the exit, and the container it came from
+    /// when known (a container can exit before `waiting` recorded its id).
+    async fn record_exit(
+        &self,
+        row: &BackendRow,
+        container_id: Option<String>,
+        exit: ObservedExit,
+    ) -> Result<(), Failure> {
         crash::point("before_exit_recorded");
         let state = row.state.to_terminated(requested(row), exit.exit_code);
         let mut transition = Transition::new(state, exit.source, exit.finished_at);
         transition.oom_killed = Some(exit.oom_killed);
+        transition.container_id = container_id;
         self.store
             .record_transition(&row.id, row.status(), &transition)
             .await?;
@@ -546,7 +554,7 @@ impl Executor {
             None => self.docker.recent_exit(&row.id, RECENT_EXIT_WINDOW).await?,
         };
         if let Some(exit) = exit {
-            return self.record_exit(row, exit).await;
+            return self.record_exit(row, None, exit).await;
         }
         let state = match &row.state {
             BackendState::Terminating { .. } | BackendState::HardTerminating { .. } => {

@@ -705,6 +705,7 @@ async fn container_removed_during_downtime_without_events_to_replay_is_lost() {
         true,
     )
     .await;
+    println!("DEBUG {:?}\n{}", history(&daemon, &id).await, daemon.log());
     assert_eq!(done["exit_code"], Value::Null);
     assert_eq!(done["state"]["reason"], "lost");
     let terminated = only_event(&daemon, &id, "terminated").await;

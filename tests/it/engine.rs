@@ -1,10 +1,12 @@
-//! drover across restarts of the Docker engine it drives (issue 3, guarantee
-//! 6): the exits the restart caused are recorded once each, the event stream
-//! is re-opened and works again, and the outage is journaled in
-//! `docker_outages`.
+//! drover across restarts of the Docker engine it drives: the exits the
+//! engine's stop or crash caused are recorded once each with their codes,
+//! the event stream is re-opened from the last event seen and works again,
+//! and each outage is journaled in `docker_outages`, also when drover itself
+//! was down when the engine came back.
 //!
 //! The engine restarted is a private `dockerd` ([`PrivateEngine`]), never the
-//! machine's shared one.
+//! machine's shared one. These tests resync only hourly, so what they see
+//! comes from the event stream and its reconnect, not from a periodic resync.
 
 use crate::support::private_engine::PrivateEngine;
 use crate::support::*;

@@ -14,10 +14,13 @@
 //!
 //! [`stop`](PrivateEngine::stop) stops the engine the way an operator's
 //! `systemctl stop docker` does (SIGTERM, then wait for it to exit);
-//! [`start_again`](PrivateEngine::start_again) starts it with the very same
-//! command line. Dropping the engine removes every trace, also when the test
+//! [`kill`](PrivateEngine::kill) crashes it (SIGKILL: its containers run on
+//! without it); [`start_again`](PrivateEngine::start_again) starts it with
+//! the very same command line. Dropping the engine removes every trace, also when the test
 //! failed: its containers, its processes, the mounts under its folder, its
-//! bridge and its folder.
+//! bridge and its folder. What a test run killed before it could drop its
+//! engines left behind (its dockerd got SIGTERM when the run died) is
+//! removed by the next start: folders and bridges name their owner's pid.
 //!
 //! Needs root, `dockerd` and `docker` (Debian's docker.io), `ip` (iproute2)
 //! and the static busybox of the test image; `scripts/test` installs them.

@@ -255,6 +255,19 @@ impl Executor {
                 self.store.record_transition(&row.id, row.status(), &transition).await?;
                 Ok(ContainerUpdate::Unchanged)
             }
+            Action::RemoveUnstarted { container_id } => {
+                // Forced: should a late `start` have won the race, the
+                // container is killed (its `die` is then recorded as its exit).
+                self.docker
+                    .remove(&container_id, true)
+                    .await
+                    .map_err(|e| match e {
+                        // "removal already in progress": it will be gone.
+                        DockerError::Conflict(message) => Failure::Transient(message, false),
+                        other => other.into(),
+                    })?;
+                Ok(ContainerUpdate::Gone)
+            }
         }
     }
 
@@ -396,6 +409,12 @@ impl Executor {
         match self.docker.start(container_id).await {
             Ok(()) => Ok(true),
             Err(DockerError::NotFound(message)) => {
+                // A 404 may name something else the container needs (a network
+                // removed or never made): that is the backend's error, not a
+                // vanished container, or create and start would loop forever.
+                if self.docker.inspect(container_id).await?.is_some() {
+                    return Err(container_failure("start", &row.spec, DockerError::NotFound(message)));
+                }
                 tracing::info!(backend = %row.id, container_id, %message, "container to start not found");
                 Ok(false)
             }

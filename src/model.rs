@@ -944,7 +944,7 @@ mod tests {
             "pull_policy": "Always",
             "credentials": {"username": "u", "password": "p"},
             "env": {"A": "1"},
-            "resource_limits": {"cpu_period": 100000, "cpu_period_percent": 50, "memory_limit_bytes": 1000000},
+            "resource_limits": {"cpu_period": 100000, "cpu_period_percent": 50, "memory_limit_bytes": 10000000},
             "mount": "sessions/one",
             "network_name": "net",
             "command": ["sh", "-c", "true"]
@@ -957,6 +957,103 @@ mod tests {
         assert_eq!(minimal.mount, None);
         let flag = ExecutorSpec::from_json(json!({"image": "busybox", "mount": true})).unwrap();
         assert_eq!(flag.mount, Some(MountSpec::Flag(true)));
+    }
+
+    #[test]
+    fn image_references_follow_dockers_grammar() {
+        let accepted = |image: &str| validate_image(image).is_ok();
+        for good in [
+            "busybox",
+            "busybox:1.36",
+            "library/busybox:latest",
+            "org/a.b-c__d/e_f:Tag-1.0",
+            "localhost:5000/x",
+            "127.0.0.1:5000/x/y:v1",
+            "Registry.Example.COM/org/app",
+            "ghcr.io/org/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "app:v1@sha256:0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(accepted(good), "{good} refused: {:?}", validate_image(good));
+        }
+        for bad in [
+            "", "Busybox", "org/App", "a b", "a\tb", "b\u{fc}sybox", "busybox:", "busybox:-x",
+            "a//b", "a/", "/a", "a..b", "a-", "-a", "_a", "a___b", "busybox@sha256:abc",
+            "busybox@:0123456789abcdef0123456789abcdef", "-host.io/a", "host.io:port/a",
+        ] {
+            assert!(!accepted(bad), "{bad:?} accepted");
+        }
+        assert!(!accepted(&format!("busybox:{}", "t".repeat(129))));
+        assert!(!accepted(&format!("a/{}", "b".repeat(254))));
+    }
+
+    #[test]
+    fn limits_are_bounded_where_docker_and_the_kernel_bound_them() {
+        let limits = |value: serde_json::Value| {
+            ExecutorSpec::from_json(json!({"image": "x", "resource_limits": value}))
+        };
+        assert!(limits(json!({"cpu_period": 1_000, "cpu_period_percent": 100})).is_ok());
+        assert!(limits(json!({"cpu_period": 1_000_000, "cpu_period_percent": 100_000})).is_ok());
+        assert!(limits(json!({"memory_limit_bytes": MIN_MEMORY_LIMIT_BYTES})).is_ok());
+        assert!(limits(json!({"cpu_period": 999})).is_err());
+        assert!(limits(json!({"cpu_period": 1_000, "cpu_period_percent": 99})).is_err());
+        assert!(limits(json!({"cpu_period_percent": 100_001})).is_err());
+        assert!(limits(json!({"memory_limit_bytes": MIN_MEMORY_LIMIT_BYTES - 1})).is_err());
+        let spec = limits(json!({"cpu_period": 50_000, "cpu_period_percent": 250})).unwrap();
+        assert_eq!(spec.resource_limits.cpu_quota(), Some(125_000));
+    }
+
+    #[test]
+    fn env_networks_and_mounts_are_bounded() {
+        let spec = |value: serde_json::Value| ExecutorSpec::from_json(value);
+        let env: BTreeMap<String, String> =
+            (0..MAX_ENV_VARS).map(|i| (format!("V{i}"), String::new())).collect();
+        assert!(spec(json!({"image": "x", "env": env})).is_ok());
+        let mut too_many = env.clone();
+        too_many.insert("ONE_MORE".into(), String::new());
+        assert_eq!(
+            spec(json!({"image": "x", "env": too_many})).unwrap_err().to_string(),
+            "executable.env: at most 1000 variables, got 1001"
+        );
+        for network in ["host", "none", "container:x", "a b", "-net"] {
+            assert_eq!(
+                spec(json!({"image": "x", "network_name": network})).unwrap_err().field,
+                "executable.network_name",
+                "{network}"
+            );
+        }
+        assert!(spec(json!({"image": "x", "network_name": "my_net.1-a"})).is_ok());
+        for mount in [".", "./", "a/..", "a\u{0}"] {
+            assert_eq!(
+                spec(json!({"image": "x", "mount": mount})).unwrap_err().field,
+                "executable.mount",
+                "{mount:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn type_errors_name_the_nested_field_and_arrays_are_not_objects() {
+        let err = |value: serde_json::Value| ExecutorSpec::from_json(value).unwrap_err().to_string();
+        assert_eq!(
+            err(json!({"image": "x", "resource_limits": {"cpu_period": "1"}})),
+            "executable.resource_limits.cpu_period: invalid type: string \"1\", expected i64"
+        );
+        assert_eq!(
+            err(json!({"image": "x", "command": ["a", 1]})),
+            "executable.command[1]: invalid type: integer `1`, expected a string"
+        );
+        assert_eq!(
+            err(json!({"image": "x", "resource_limits": {"gpus": 1}})).split(',').next().unwrap(),
+            "executable.resource_limits: unknown field `gpus`"
+        );
+        assert_eq!(
+            err(json!(["busybox"])),
+            "executable: invalid type: sequence, expected struct ExecutorSpec"
+        );
+        assert_eq!(
+            err(json!({"image": "x", "resource_limits": [100000]})),
+            "executable.resource_limits: invalid type: sequence, expected struct ResourceLimits"
+        );
     }
 
     #[test]

@@ -65,6 +65,11 @@ pub enum Action {
     RecordGone { exit: Option<ObservedExit> },
     /// Terminated before any container ran: record `terminated`, no exit code.
     RecordTerminatedUnstarted,
+    /// Termination is desired and the container was created but never
+    /// started: remove it (then [`Action::RecordTerminatedUnstarted`]). Not
+    /// left in place, because a `start` sent by a process killed since may
+    /// still be under way in Docker and would run it after `terminated`.
+    RemoveUnstarted { container_id: String },
 }
 
 /// What the planner knows of the world besides the rows.
@@ -133,7 +138,7 @@ pub fn plan_backend(
             exit: container.exit,
         }),
         RunState::Created => match status {
-            _ if wants_termination => Some(Action::RecordTerminatedUnstarted),
+            _ if wants_termination => Some(Action::RemoveUnstarted { container_id }),
             S::Scheduled | S::Loading => Some(Action::PrepareImage),
             _ => Some(Action::StartContainer { container_id }),
         },
@@ -332,6 +337,7 @@ mod tests {
         });
         let gone = Some(Action::RecordGone { exit: None });
         let unstarted = Some(Action::RecordTerminatedUnstarted);
+        let remove = Some(Action::RemoveUnstarted { container_id: c1() });
         let soft = Some(Action::BeginSoftTermination {
             container_id: c1(),
             reason: TerminationReason::External,
@@ -383,8 +389,8 @@ mod tests {
             (Term, B::Scheduled, none, unstarted.clone()),
             (Term, B::Loading, none, unstarted.clone()),
             (Term, B::Starting, none, unstarted.clone()),
-            (Term, B::Starting, created, unstarted.clone()),
-            (Term, waiting(), created, unstarted.clone()),
+            (Term, B::Starting, created, remove.clone()),
+            (Term, waiting(), created, remove.clone()),
             // Desired terminated, container running: begin a soft termination.
             (Term, B::Starting, running, soft.clone()),
             (Term, waiting(), running, soft.clone()),

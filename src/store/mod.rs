@@ -167,6 +167,7 @@ impl Store {
             .busy_timeout(Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            .after_release(|conn, _| Box::pin(connection_is_reusable(conn)))
             .connect_with(options)
             .await?;
         let store = Self {
@@ -526,6 +527,34 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Whether a connection handed back to the pool may be used again.
+///
+/// When a write fails with a full disk or an I/O error, SQLite may roll the
+/// whole transaction back by itself; sqlx's own `ROLLBACK` then fails and sqlx
+/// goes on believing a transaction is open. Its next "transaction" on that
+/// connection becomes a savepoint whose release commits nothing and keeps the
+/// write lock: later spawns answer `201` and vanish, or wait on the lock. So
+/// a connection that is not at transaction depth 0 once its queued rollback
+/// has run is closed instead (closing rolls back whatever SQLite still holds).
+async fn connection_is_reusable(conn: &mut sqlx::SqliteConnection) -> Result<bool, sqlx::Error> {
+    use sqlx::{Connection, TransactionManager};
+    type Manager = <sqlx::Sqlite as sqlx::Database>::TransactionManager;
+    if Manager::get_transaction_depth(conn) == 0 {
+        // The common case, and certain: no transaction, none being rolled back.
+        return Ok(true);
+    }
+    // A dropped transaction queued its rollback; the worker runs commands in
+    // order, so once the ping is answered the rollback has run.
+    if conn.ping().await.is_err() {
+        return Ok(false);
+    }
+    let depth = Manager::get_transaction_depth(conn);
+    if depth != 0 {
+        tracing::warn!(depth, "closing a database connection left inside a failed transaction");
+    }
+    Ok(depth == 0)
 }
 
 /// Creates the database file with mode 0600 before SQLite does, so it is

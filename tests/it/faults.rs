@@ -95,7 +95,6 @@ async fn a_full_disk_makes_spawn_503_writes_nothing_and_everything_recovers_with
     let done = daemon.wait_status(&running, "terminated", READY_WITHIN).await;
     assert_eq!(done["exit_code"], 137);
     let (status, created) = daemon.post("/v1/backends", body).await;
-    if status != 201 || daemon.get("/v1/backends/ba-diskfull").await.0 != 200 { eprintln!("LOG {}", daemon.log()); }
     assert_eq!(status, 201, "{created}");
     daemon.wait_status("ba-diskfull", "ready", READY_WITHIN).await;
     drop(daemon);
@@ -207,9 +206,10 @@ async fn a_container_docker_cannot_create_or_start_ends_with_dockers_error() {
 
     let create = daemon.wait_status(&no_network, "terminated", READY_WITHIN).await;
     assert_eq!(create["state"]["reason"], "internalerror");
+    // Docker creates the container and only finds the network missing at start.
     assert_eq!(
         create["error"],
-        "cannot create container: not found: network drover-no-such-network not found"
+        "cannot start container: not found: network drover-no-such-network not found"
     );
     let start = daemon.wait_status(&no_binary, "terminated", READY_WITHIN).await;
     assert_eq!(start["state"]["reason"], "internalerror");
@@ -221,32 +221,4 @@ async fn a_container_docker_cannot_create_or_start_ends_with_dockers_error() {
         assert_eq!(last["error"], done["error"], "the event keeps Docker's error");
         assert_eq!(last["state"]["last_status"], "starting");
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scratch_store_on_full_disk() {
-    use drover::model::{BackendName, ExecutorSpec};
-    use drover::store::Store;
-    let tmpfs = Tmpfs::mount("16m");
-    let store = Store::open(&tmpfs.path.join("t.db")).await.unwrap();
-    let spec = ExecutorSpec::from_json(json!({"image": "busybox"})).unwrap();
-    for i in 0..3 {
-        let id = BackendName::parse(&format!("ba-pre{i}")).unwrap();
-        store.create_backend(&id, &spec, None, 1).await.unwrap();
-    }
-    let filler = tmpfs.fill();
-    for i in 0..3 {
-        let id = BackendName::parse(&format!("ba-full{i}")).unwrap();
-        let r = store.create_backend(&id, &spec, None, 1).await.map(|_| ());
-        eprintln!("FULL {i}: {r:?}");
-    }
-    std::fs::remove_file(filler).unwrap();
-    for i in 0..3 {
-        let id = BackendName::parse(&format!("ba-after{i}")).unwrap();
-        let r = store.create_backend(&id, &spec, None, 1).await.map(|_| ());
-        let got = store.get_backend(&id).await.map(|r| r.is_some());
-        eprintln!("AFTER {i}: {r:?} get={got:?}");
-    }
-    let all = store.list_backends(None, true).await.unwrap();
-    eprintln!("ALL {:?}", all.iter().map(|r| r.id.to_string()).collect::<Vec<_>>());
 }

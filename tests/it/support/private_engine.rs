@@ -259,8 +259,10 @@ impl PrivateEngine {
     /// Crashes the engine: SIGKILL, as an OOM kill or a `kill -9` would. Its
     /// containers keep running without it (their shims outlive it); started
     /// again with live restore off, the engine stops them. Returns once the
-    /// engine's containerd is gone too (it dies with the engine, and must be
-    /// reaped before a new one can take over its pid file).
+    /// engine's containerd is gone too: it dies with the engine, and while
+    /// its pid is still taken (a zombie not yet reaped by init), a new
+    /// dockerd waits for that containerd instead of starting its own, and
+    /// gives up.
     ///
     /// # Panics
     ///

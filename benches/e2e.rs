@@ -695,25 +695,14 @@ async fn spawn_one_at_a_time(scale: &Scale, daemon: &Daemon, raw: &Raw, findings
             if side == 0 {
                 let (id, total, api, container) = drover_spawn(daemon).await?;
                 drover_ms.push(total);
-                phases.entry("api answer").or_default().push(api);
-                let history = daemon.history(&id).await?;
-                let at = |status: &str| history.iter().find(|(s, _)| s == status).map(|(_, t)| *t as f64);
-                if let (Some(s), Some(st), Some(w), Some(r)) =
-                    (at("scheduled"), at("starting"), at("waiting"), at("ready"))
-                {
-                    phases.entry("scheduled → starting").or_default().push(st - s);
-                    phases.entry("starting → waiting").or_default().push(w - st);
-                    phases.entry("waiting → ready").or_default().push(r - w);
-                }
+                phases.entry("0. API answer").or_default().push(api);
+                add_phases(daemon, &id, &mut phases).await?;
                 raw.remove(&container).await;
                 daemon.wait_all(&[id], "terminated", Duration::from_secs(60)).await?;
             } else {
                 let (container, times) = raw.spawn().await?;
                 raw_ms.push(times.total);
-                raw_phases.entry("create").or_default().push(times.create);
-                raw_phases.entry("start").or_default().push(times.start);
-                raw_phases.entry("inspect").or_default().push(times.inspect);
-                raw_phases.entry("probe").or_default().push(times.probe);
+                add_raw_phases(&times, &mut raw_phases);
                 raw.remove(&container).await;
             }
         }
@@ -746,10 +735,29 @@ async fn spawn_one_at_a_time(scale: &Scale, daemon: &Daemon, raw: &Raw, findings
     Ok(())
 }
 
+/// Adds a drover backend's phases, from its history rows, to `phases`.
+async fn add_phases(daemon: &Daemon, id: &str, phases: &mut BTreeMap<&'static str, Vec<f64>>) -> Result<()> {
+    let history = daemon.history(id).await?;
+    let at = |status: &str| history.iter().find(|(s, _)| s == status).map(|(_, t)| *t as f64);
+    if let (Some(s), Some(st), Some(w), Some(r)) = (at("scheduled"), at("starting"), at("waiting"), at("ready")) {
+        phases.entry("1. scheduled → starting").or_default().push(st - s);
+        phases.entry("2. starting → waiting (create, start, inspect)").or_default().push(w - st);
+        phases.entry("3. waiting → ready (probe)").or_default().push(r - w);
+    }
+    Ok(())
+}
+
+fn add_raw_phases(times: &RawTimes, phases: &mut BTreeMap<&'static str, Vec<f64>>) {
+    phases.entry("1. create").or_default().push(times.create);
+    phases.entry("2. start").or_default().push(times.start);
+    phases.entry("3. inspect").or_default().push(times.inspect);
+    phases.entry("4. probe").or_default().push(times.probe);
+}
+
 fn phase_list(phases: &BTreeMap<&str, Vec<f64>>) -> String {
     phases
         .iter()
-        .map(|(name, values)| format!("{name} {}", ms(Stats::of(values).median)))
+        .map(|(name, values)| format!("{} {}", &name[3..], ms(Stats::of(values).median)))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -771,6 +779,8 @@ async fn burst(scale: &Scale, daemon: &Daemon, raw: &Raw, findings: &mut Finding
     println!("burst: {} at once, {} rounds", scale.burst, scale.burst_rounds);
     let mut drover_ms = Vec::new();
     let mut raw_ms = Vec::new();
+    let mut phases = BTreeMap::new();
+    let mut raw_phases = BTreeMap::new();
     for round in 0..scale.burst_rounds {
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for side in order {
@@ -778,6 +788,9 @@ async fn burst(scale: &Scale, daemon: &Daemon, raw: &Raw, findings: &mut Finding
                 let t0 = Instant::now();
                 let ids = daemon.spawn_ready(scale.burst).await?;
                 drover_ms.push(millis(t0.elapsed()));
+                for id in &ids {
+                    add_phases(daemon, id, &mut phases).await?;
+                }
                 let containers = daemon.container_ids(&ids).await?;
                 raw.remove_all(&containers).await;
                 daemon.wait_all(&ids, "terminated", Duration::from_secs(120)).await?;
@@ -786,6 +799,9 @@ async fn burst(scale: &Scale, daemon: &Daemon, raw: &Raw, findings: &mut Finding
                 let spawned =
                     futures::future::try_join_all((0..scale.burst).map(|_| raw.spawn())).await?;
                 raw_ms.push(millis(t0.elapsed()));
+                for (_, times) in &spawned {
+                    add_raw_phases(times, &mut raw_phases);
+                }
                 let containers: Vec<String> = spawned.into_iter().map(|(c, _)| c).collect();
                 raw.remove_all(&containers).await;
             }
@@ -808,6 +824,8 @@ async fn burst(scale: &Scale, daemon: &Daemon, raw: &Raw, findings: &mut Finding
     writeln!(s, "| drover: {} concurrent `POST /v1/backends` → all `ready` | {} | {} | {} |", scale.burst, ms(d.median), ms(d.min), ms(d.max))?;
     writeln!(s, "| raw floor: {} concurrent create + start + inspect + probe | {} | {} | {} |", scale.burst, ms(r.median), ms(r.min), ms(r.max))?;
     writeln!(s, "| **ratio of the medians** | **{ratio:.3}×** | | |\n")?;
+    writeln!(s, "Per backend, medians over every backend of every round. drover: {}. Raw floor: {}.\n",
+        phase_list(&phases), phase_list(&raw_phases))?;
     findings.sections.push(s);
     Ok(())
 }
@@ -845,6 +863,7 @@ async fn exit_to_record(scale: &Scale, daemon: &Daemon, raw: &Raw, findings: &mu
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut record_ms = Vec::new();
     let mut event_ms = Vec::new();
+    let mut after_event_ms = Vec::new();
     for (id, container) in ids.iter().zip(&containers) {
         let t0 = Instant::now();
         raw.docker
@@ -870,9 +889,21 @@ async fn exit_to_record(scale: &Scale, daemon: &Daemon, raw: &Raw, findings: &mu
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        record_ms.push(millis(t0.elapsed()));
-        if let Some(died) = deaths.lock().unwrap().get(container) {
-            event_ms.push(millis(died.saturating_duration_since(t0)));
+        let recorded = millis(t0.elapsed());
+        record_ms.push(recorded);
+        // The event may be read a moment after the row shows up: wait for it briefly.
+        let mut died = None;
+        for _ in 0..200 {
+            died = deaths.lock().unwrap().get(container).copied();
+            if died.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if let Some(died) = died {
+            let event = millis(died.saturating_duration_since(t0));
+            event_ms.push(event);
+            after_event_ms.push(recorded - event);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -880,6 +911,7 @@ async fn exit_to_record(scale: &Scale, daemon: &Daemon, raw: &Raw, findings: &mu
     raw.remove_all(&containers).await;
     let d = Stats::of(&record_ms);
     let e = Stats::of(&event_ms);
+    let a = Stats::of(&after_event_ms);
     findings.target(
         "exit to record (median, `docker kill` → `terminated` row with exit code)",
         ms(d.median),
@@ -890,7 +922,8 @@ async fn exit_to_record(scale: &Scale, daemon: &Daemon, raw: &Raw, findings: &mu
     writeln!(s, "### Exit to record ({} samples)\n", record_ms.len())?;
     writeln!(s, "| | median | min | max |\n|---|---|---|---|")?;
     writeln!(s, "| drover: `docker kill` (SIGKILL) → `terminated` row with exit code 137 | {} | {} | {} |", ms(d.median), ms(d.min), ms(d.max))?;
-    writeln!(s, "| floor: `docker kill` → Docker's `die` event received by a client | {} | {} | {} |\n", ms(e.median), ms(e.min), ms(e.max))?;
+    writeln!(s, "| floor: `docker kill` → Docker's `die` event received by a client | {} | {} | {} |", ms(e.median), ms(e.min), ms(e.max))?;
+    writeln!(s, "| drover's own part: `die` event received → row committed (per sample; may be below zero when drover read the event first) | {} | {} | {} |\n", ms(a.median), ms(a.min), ms(a.max))?;
     findings.sections.push(s);
     findings.plane.push((
         "recording an exit".into(),
@@ -1041,7 +1074,8 @@ fn endpoint_list(counts: &BTreeMap<String, u64>) -> String {
 // ---------------------------------------------------------------------------
 // Idle cost.
 
-/// CPU time of a process and its reaped children, in seconds.
+/// CPU time of a process (every thread, exited ones included) and its
+/// reaped children, in seconds, at clock-tick resolution (usually 10 ms).
 fn process_cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces.
@@ -1049,6 +1083,53 @@ fn process_cpu_seconds(pid: u32) -> Option<f64> {
     // utime, stime, cutime, cstime are fields 14-17 of stat; here 11-14 (0-based from state).
     let ticks: u64 = fields.get(11..15)?.iter().filter_map(|f| f.parse::<u64>().ok()).sum();
     Some(ticks as f64 / clock_ticks())
+}
+
+/// CPU time of a process's live threads, in seconds, at nanosecond
+/// resolution (`/proc/<pid>/task/*/schedstat`), by thread.
+fn thread_cpu_seconds(pid: u32) -> HashMap<u32, f64> {
+    let mut out = HashMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let ns = std::fs::read_to_string(task.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()));
+        if let Some(ns) = ns {
+            out.insert(tid, ns as f64 / 1e9);
+        }
+    }
+    out
+}
+
+/// An agent's CPU between two readings: its threads' precise time, unless
+/// the coarse whole-process count saw more (threads that exited meanwhile).
+struct AgentCpu {
+    pid: u32,
+    coarse: Option<f64>,
+    threads: HashMap<u32, f64>,
+}
+
+impl AgentCpu {
+    fn read(pid: u32) -> AgentCpu {
+        AgentCpu {
+            pid,
+            coarse: process_cpu_seconds(pid),
+            threads: thread_cpu_seconds(pid),
+        }
+    }
+
+    /// Seconds of CPU since `self` was read.
+    fn since(&self) -> Option<f64> {
+        let now = AgentCpu::read(self.pid);
+        let precise: f64 = now
+            .threads
+            .iter()
+            .map(|(tid, after)| after - self.threads.get(tid).copied().unwrap_or(0.0))
+            .sum();
+        let coarse = now.coarse? - self.coarse?;
+        Some(precise.max(coarse))
+    }
 }
 
 fn clock_ticks() -> f64 {
@@ -1106,12 +1187,12 @@ async fn idle_window(window: Duration, agent_pid: Option<u32>, proxy: Option<&Pr
         None => None,
     };
     let engine_before = engine_cpu();
-    let agent_before = agent_pid.and_then(process_cpu_seconds);
+    let agent_before = agent_pid.map(AgentCpu::read);
     let t0 = Instant::now();
     tokio::time::sleep(window).await;
     let seconds = t0.elapsed().as_secs_f64();
     let engine_after = engine_cpu();
-    let agent_after = agent_pid.and_then(process_cpu_seconds);
+    let agent_cpu = agent_before.and_then(|before| before.since());
     let engine: f64 = engine_after
         .iter()
         .map(|(pid, after)| after - engine_before.get(pid).copied().unwrap_or(0.0))
@@ -1124,10 +1205,7 @@ async fn idle_window(window: Duration, agent_pid: Option<u32>, proxy: Option<&Pr
     Idle {
         seconds,
         engine_ms_per_s: engine * 1000.0 / seconds,
-        agent_ms_per_s: match (agent_before, agent_after) {
-            (Some(b), Some(a)) => Some((a - b) * 1000.0 / seconds),
-            _ => None,
-        },
+        agent_ms_per_s: agent_cpu.map(|cpu| cpu * 1000.0 / seconds),
         rss_kib: agent_pid.map(rss_kib),
         calls,
         passes,

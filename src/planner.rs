@@ -179,7 +179,7 @@ fn plan_termination(
     now: Millis,
 ) -> Option<Action> {
     let kill_due = || match row.last_signal {
-        Some((Signal::Kill, at)) => now >= at + KILL_RETRY_MS,
+        Some((Signal::Kill, at)) => now >= at.saturating_add(KILL_RETRY_MS),
         _ => true,
     };
     match status {
@@ -229,10 +229,10 @@ pub fn next_deadline(row: &BackendRow) -> Option<Millis> {
     match row.status() {
         BackendStatus::Waiting => row.startup_deadline,
         BackendStatus::Terminating => match row.last_signal {
-            Some((Signal::Kill, at)) => Some(at + KILL_RETRY_MS),
+            Some((Signal::Kill, at)) => Some(at.saturating_add(KILL_RETRY_MS)),
             _ => row.kill_deadline,
         },
-        BackendStatus::HardTerminating => row.last_signal.map(|(_, at)| at + KILL_RETRY_MS),
+        BackendStatus::HardTerminating => row.last_signal.map(|(_, at)| at.saturating_add(KILL_RETRY_MS)),
         _ => None,
     }
 }

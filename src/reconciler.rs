@@ -10,9 +10,11 @@
 
 use crate::docker::{docker_timestamp, ContainerAction, ContainerEvent, DockerClient};
 use crate::executor::{ActionOutcome, ContainerUpdate, Executor};
-use crate::model::{now_millis, BackendName, BackendRow, EventSource, Millis, ObservedExit, RunState};
+use crate::model::{
+    now_millis, BackendName, BackendRow, BackendStatus, EventSource, Millis, ObservedExit, RunState,
+};
 use crate::planner::{self, Action, Observed};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -71,6 +73,12 @@ pub struct Reconciler {
     oom_seen: HashSet<String>,
     in_flight: HashMap<BackendName, InFlight>,
     retry_at: HashMap<BackendName, Instant>,
+    /// Every live backend's row, as committed: read whole at boot, then kept
+    /// current by re-reading only the rows the store notes as changed, so a
+    /// pass costs no SQLite read per live backend.
+    rows: HashMap<BackendName, BackendRow>,
+    /// Read every live row on the next pass (at boot, or after a failed read).
+    reload_rows: bool,
     wake_tx: mpsc::UnboundedSender<Wake>,
     wake_rx: mpsc::UnboundedReceiver<Wake>,
     /// Time of the latest Docker event seen, to resume the stream.
@@ -94,6 +102,8 @@ impl Reconciler {
             oom_seen: HashSet::new(),
             in_flight: HashMap::new(),
             retry_at: HashMap::new(),
+            rows: HashMap::new(),
+            reload_rows: true,
             wake_tx,
             wake_rx,
             last_event_nanos: Arc::new(AtomicU64::new(0)),
@@ -202,22 +212,20 @@ impl Reconciler {
     /// whether an exit is about to be recorded (so the watermark must wait),
     /// and when the next pass is due if nothing wakes the loop before.
     async fn pass(&mut self) -> (bool, Option<Instant>) {
-        let rows = match self.store.live_backends().await {
-            Ok(rows) => rows,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read backends; retrying");
-                return (true, Some(Instant::now() + Duration::from_millis(500)));
-            }
-        };
+        if let Err(e) = self.refresh_rows().await {
+            tracing::warn!(error = %e, "cannot read backends; retrying");
+            return (true, Some(Instant::now() + Duration::from_millis(500)));
+        }
         let now = now_millis();
         let instant_now = Instant::now();
         self.retry_at.retain(|_, at| *at > instant_now);
-        let live: HashSet<&BackendName> = rows.iter().map(|r| &r.id).collect();
+        let rows = &self.rows;
         self.observed
             .remembered_exits
-            .retain(|id, _| live.contains(id));
+            .retain(|id, _| rows.contains_key(id));
         let mut exit_pending = false;
-        for row in &rows {
+        let mut actions = Vec::new();
+        for row in self.rows.values() {
             let container = self.observed.containers.get(&row.id);
             let remembered = self.observed.remembered_exits.get(&row.id).copied();
             let Some(action) = planner::plan_backend(row, container, remembered, now) else {
@@ -238,9 +246,46 @@ impl Reconciler {
             if self.retry_at.contains_key(&row.id) {
                 continue;
             }
-            self.dispatch(row.clone(), action);
+            actions.push((row.clone(), action));
         }
-        (exit_pending, self.next_wake(&rows, now))
+        for (row, action) in actions {
+            self.dispatch(row, action);
+        }
+        (exit_pending, self.next_wake(now))
+    }
+
+    /// Brings `rows` up to date: every live row at boot (or after a failed
+    /// read), otherwise only the rows written since the last pass. The set of
+    /// written rows is taken before reading, so a write committed meanwhile
+    /// is read again on the next pass.
+    async fn refresh_rows(&mut self) -> Result<(), StoreError> {
+        let changed = self.store.take_changed();
+        let ids = match changed {
+            Some(ids) if !self.reload_rows => ids,
+            _ => {
+                self.reload_rows = true;
+                let rows = self.store.live_backends().await?;
+                self.rows = rows.into_iter().map(|row| (row.id.clone(), row)).collect();
+                self.reload_rows = false;
+                return Ok(());
+            }
+        };
+        for id in ids {
+            match self.store.get_backend(&id).await {
+                Ok(Some(row)) if row.status() != BackendStatus::Terminated => {
+                    self.rows.insert(id, row);
+                }
+                Ok(_) => {
+                    self.rows.remove(&id);
+                }
+                Err(e) => {
+                    // The rest of the taken set would be lost: read everything next time.
+                    self.reload_rows = true;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn dispatch(&mut self, row: BackendRow, action: Action) {
@@ -467,10 +512,11 @@ impl Reconciler {
     }
 
     /// The earliest deadline among live backends (not busy) or retries.
-    fn next_wake(&self, rows: &[BackendRow], now_ms: Millis) -> Option<Instant> {
+    fn next_wake(&self, now_ms: Millis) -> Option<Instant> {
         let now = Instant::now();
-        let deadline = rows
-            .iter()
+        let deadline = self
+            .rows
+            .values()
             .filter(|r| !self.in_flight.contains_key(&r.id))
             .filter_map(planner::next_deadline)
             .min()

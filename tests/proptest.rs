@@ -13,8 +13,7 @@ use drover::api::{parse_spawn, ApiError};
 use drover::config::Config;
 use drover::model::{
     BackendName, BackendRow, BackendState, BackendStatus, Desired, EventSource, ExecutorSpec,
-    Millis, ObservedContainer, ObservedExit, RunState, Signal, TerminationKind,
-    TerminationReason,
+    Millis, ObservedContainer, ObservedExit, RunState, Signal, TerminationKind, TerminationReason,
 };
 use drover::planner::{self, Action, Observed};
 use proptest::prelude::*;
@@ -98,37 +97,57 @@ fn executable() -> impl Strategy<Value = Value> {
     let optional = |s: BoxedStrategy<Value>| prop::option::of(s);
     (
         image(),
-        optional(prop_oneof![Just(json!("IfNotPresent")), Just(json!("Always")), Just(json!("Never")), any_json()].boxed()),
-        optional(prop_oneof![
-            ("[a-z]{0,4}", "[a-z]{0,4}").prop_map(|(u, p)| json!({"username": u, "password": p})),
-            any_json(),
-        ].boxed()),
+        optional(
+            prop_oneof![
+                Just(json!("IfNotPresent")),
+                Just(json!("Always")),
+                Just(json!("Never")),
+                any_json()
+            ]
+            .boxed(),
+        ),
+        optional(
+            prop_oneof![
+                ("[a-z]{0,4}", "[a-z]{0,4}")
+                    .prop_map(|(u, p)| json!({"username": u, "password": p})),
+                any_json(),
+            ]
+            .boxed(),
+        ),
         optional(env.prop_map(|m| json!(m)).boxed()),
         optional(limits.prop_map(|m| json!(m)).boxed()),
         optional(mount.boxed()),
         optional(prop_oneof!["[a-z:. -]{0,10}".prop_map(Value::String), any_json()].boxed()),
-        optional(prop_oneof![prop::collection::vec("[a-z\u{0}]{0,5}", 0..4).prop_map(|v| json!(v)), any_json()].boxed()),
+        optional(
+            prop_oneof![
+                prop::collection::vec("[a-z\u{0}]{0,5}", 0..4).prop_map(|v| json!(v)),
+                any_json()
+            ]
+            .boxed(),
+        ),
         optional(any_json().boxed()),
     )
-        .prop_map(|(image, pull, credentials, env, limits, mount, network, command, stranger)| {
-            let mut object = serde_json::Map::new();
-            object.insert("image".into(), image);
-            for (key, value) in [
-                ("pull_policy", pull),
-                ("credentials", credentials),
-                ("env", env),
-                ("resource_limits", limits),
-                ("mount", mount),
-                ("network_name", network),
-                ("command", command),
-                ("stranger", stranger),
-            ] {
-                if let Some(value) = value {
-                    object.insert(key.into(), value);
+        .prop_map(
+            |(image, pull, credentials, env, limits, mount, network, command, stranger)| {
+                let mut object = serde_json::Map::new();
+                object.insert("image".into(), image);
+                for (key, value) in [
+                    ("pull_policy", pull),
+                    ("credentials", credentials),
+                    ("env", env),
+                    ("resource_limits", limits),
+                    ("mount", mount),
+                    ("network_name", network),
+                    ("command", command),
+                    ("stranger", stranger),
+                ] {
+                    if let Some(value) = value {
+                        object.insert(key.into(), value);
+                    }
                 }
-            }
-            Value::Object(object)
-        })
+                Value::Object(object)
+            },
+        )
 }
 
 /// Executables that are valid by construction, from every corner of the ranges.
@@ -165,7 +184,11 @@ fn valid_executable() -> impl Strategy<Value = Value> {
         });
     (
         image,
-        prop::option::of(prop::sample::select(vec!["IfNotPresent", "Always", "Never"])),
+        prop::option::of(prop::sample::select(vec![
+            "IfNotPresent",
+            "Always",
+            "Never",
+        ])),
         prop::option::of(("[a-z]{1,6}", "[ -~]{0,12}")),
         env,
         limits,
@@ -173,28 +196,35 @@ fn valid_executable() -> impl Strategy<Value = Value> {
             Just(json!(false)),
             "[a-z0-9]{1,5}(/[a-z0-9][a-z0-9._-]{0,4}){0,2}".prop_map(Value::String),
         ]),
-        prop::option::of("[a-z0-9][a-z0-9_.-]{0,10}".prop_filter("not host or none", |n| n != "host" && n != "none")),
+        prop::option::of(
+            "[a-z0-9][a-z0-9_.-]{0,10}"
+                .prop_filter("not host or none", |n| n != "host" && n != "none"),
+        ),
         prop::option::of(prop::collection::vec("[ -~]{0,8}", 1..4)),
     )
-        .prop_map(|(image, pull, credentials, env, limits, mount, network, command)| {
-            let mut executable = json!({ "image": image, "env": env, "resource_limits": limits });
-            if let Some(pull) = pull {
-                executable["pull_policy"] = json!(pull);
-            }
-            if let Some((username, password)) = credentials {
-                executable["credentials"] = json!({ "username": username, "password": password });
-            }
-            if let Some(mount) = mount {
-                executable["mount"] = mount;
-            }
-            if let Some(network) = network {
-                executable["network_name"] = json!(network);
-            }
-            if let Some(command) = command {
-                executable["command"] = json!(command);
-            }
-            executable
-        })
+        .prop_map(
+            |(image, pull, credentials, env, limits, mount, network, command)| {
+                let mut executable =
+                    json!({ "image": image, "env": env, "resource_limits": limits });
+                if let Some(pull) = pull {
+                    executable["pull_policy"] = json!(pull);
+                }
+                if let Some((username, password)) = credentials {
+                    executable["credentials"] =
+                        json!({ "username": username, "password": password });
+                }
+                if let Some(mount) = mount {
+                    executable["mount"] = mount;
+                }
+                if let Some(network) = network {
+                    executable["network_name"] = json!(network);
+                }
+                if let Some(command) = command {
+                    executable["command"] = json!(command);
+                }
+                executable
+            },
+        )
 }
 
 /// What must hold of any spec the parser accepted.
@@ -282,7 +312,12 @@ proptest! {
 const NOW: Millis = 1_000_000_000;
 
 fn millis_near_now() -> impl Strategy<Value = Millis> {
-    prop_oneof![NOW - 100_000..NOW + 100_000, Just(NOW), Just(0), Just(Millis::MAX)]
+    prop_oneof![
+        NOW - 100_000..NOW + 100_000,
+        Just(NOW),
+        Just(0),
+        Just(Millis::MAX)
+    ]
 }
 
 fn status() -> impl Strategy<Value = BackendStatus> {
@@ -305,15 +340,23 @@ fn kind() -> impl Strategy<Value = TerminationKind> {
 }
 
 fn state() -> impl Strategy<Value = BackendState> {
-    (status(), status(), kind(), reason(), prop::option::of(any::<i32>())).prop_map(
-        |(status, last, kind, reason, exit_code)| {
+    (
+        status(),
+        status(),
+        kind(),
+        reason(),
+        prop::option::of(any::<i32>()),
+    )
+        .prop_map(|(status, last, kind, reason, exit_code)| {
             let address = "127.0.0.1:4000".to_string();
             match status {
                 BackendStatus::Scheduled => BackendState::Scheduled,
                 BackendStatus::Loading => BackendState::Loading,
                 BackendStatus::Starting => BackendState::Starting,
                 BackendStatus::Waiting => BackendState::Waiting { address },
-                BackendStatus::Ready => BackendState::Ready { address: Some(address) },
+                BackendStatus::Ready => BackendState::Ready {
+                    address: Some(address),
+                },
                 BackendStatus::Terminating => BackendState::Terminating {
                     last_status: last,
                     termination: kind,
@@ -330,19 +373,21 @@ fn state() -> impl Strategy<Value = BackendState> {
                     exit_code,
                 },
             }
-        },
-    )
+        })
 }
 
 fn exit() -> impl Strategy<Value = ObservedExit> {
-    (prop::option::of(any::<i32>()), millis_near_now(), any::<bool>()).prop_map(
-        |(exit_code, finished_at, oom_killed)| ObservedExit {
+    (
+        prop::option::of(any::<i32>()),
+        millis_near_now(),
+        any::<bool>(),
+    )
+        .prop_map(|(exit_code, finished_at, oom_killed)| ObservedExit {
             exit_code,
             finished_at,
             oom_killed,
             source: EventSource::DockerEvent,
-        },
-    )
+        })
 }
 
 fn row() -> impl Strategy<Value = BackendRow> {
@@ -353,39 +398,58 @@ fn row() -> impl Strategy<Value = BackendRow> {
         prop::option::of(millis_near_now()),
         prop::option::of(millis_near_now()),
         // Signals are stamped with the wall clock, so their times are near now.
-        prop::option::of((prop_oneof![Just(Signal::Term), Just(Signal::Kill)], NOW - 100_000..NOW + 100_000)),
+        prop::option::of((
+            prop_oneof![Just(Signal::Term), Just(Signal::Kill)],
+            NOW - 100_000..NOW + 100_000,
+        )),
     )
-        .prop_map(|(running, requested, state, startup_deadline, kill_deadline, last_signal)| {
-            let desired = if running { Desired::Running } else { Desired::Terminated };
-            let mut row = BackendRow {
-                id: BackendName::parse("ba-prop").unwrap(),
-                spec: ExecutorSpec::from_json(json!({"image": "busybox"})).unwrap(),
-                desired,
-                requested_termination: if desired == Desired::Terminated { requested } else { None },
-                state,
-                container_id: None,
-                exit_code: None,
-                oom_killed: None,
-                error: None,
-                startup_deadline,
-                kill_deadline,
-                last_signal,
-                created_at: 0,
-                updated_at: 0,
-            };
-            // Reachable rows only: a soft termination sends SIGKILL once its
-            // kill deadline has passed, never before.
-            if let (BackendStatus::Terminating, Some((Signal::Kill, at))) = (row.status(), row.last_signal) {
-                row.kill_deadline = Some(row.kill_deadline.map_or(at, |d| d.min(at)));
-            }
-            row
-        })
+        .prop_map(
+            |(running, requested, state, startup_deadline, kill_deadline, last_signal)| {
+                let desired = if running {
+                    Desired::Running
+                } else {
+                    Desired::Terminated
+                };
+                let mut row = BackendRow {
+                    id: BackendName::parse("ba-prop").unwrap(),
+                    spec: ExecutorSpec::from_json(json!({"image": "busybox"})).unwrap(),
+                    desired,
+                    requested_termination: if desired == Desired::Terminated {
+                        requested
+                    } else {
+                        None
+                    },
+                    state,
+                    container_id: None,
+                    exit_code: None,
+                    oom_killed: None,
+                    error: None,
+                    startup_deadline,
+                    kill_deadline,
+                    last_signal,
+                    created_at: 0,
+                    updated_at: 0,
+                };
+                // Reachable rows only: a soft termination sends SIGKILL once its
+                // kill deadline has passed, never before.
+                if let (BackendStatus::Terminating, Some((Signal::Kill, at))) =
+                    (row.status(), row.last_signal)
+                {
+                    row.kill_deadline = Some(row.kill_deadline.map_or(at, |d| d.min(at)));
+                }
+                row
+            },
+        )
 }
 
 fn container() -> impl Strategy<Value = Option<ObservedContainer>> {
     prop::option::of(
         (
-            prop_oneof![Just(RunState::Created), Just(RunState::Running), Just(RunState::Exited)],
+            prop_oneof![
+                Just(RunState::Created),
+                Just(RunState::Running),
+                Just(RunState::Exited)
+            ],
             prop::option::of(1u16..),
             prop::option::of(exit()),
         )

@@ -54,11 +54,27 @@ mod tests {
         store.create_backend(&id, &spec, None, 1).await.unwrap();
         assert_eq!(store.loading_detail(&id).await.unwrap(), None);
 
-        store.set_loading_detail(&id, "Downloading 1/2").await.unwrap();
-        store.set_loading_detail(&id, "Pull complete").await.unwrap();
+        store
+            .set_loading_detail(&id, "Downloading 1/2")
+            .await
+            .unwrap();
+        store
+            .set_loading_detail(&id, "Pull complete")
+            .await
+            .unwrap();
 
-        assert_eq!(store.loading_detail(&id).await.unwrap().as_deref(), Some("Pull complete"));
-        assert_eq!(store.loading_details().await.unwrap()["ba-pull"], "Pull complete");
-        assert_eq!(store.events_for(&id).await.unwrap().len(), 1, "no history row added");
+        assert_eq!(
+            store.loading_detail(&id).await.unwrap().as_deref(),
+            Some("Pull complete")
+        );
+        assert_eq!(
+            store.loading_details().await.unwrap()["ba-pull"],
+            "Pull complete"
+        );
+        assert_eq!(
+            store.events_for(&id).await.unwrap().len(),
+            1,
+            "no history row added"
+        );
     }
 }

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
+mod changes;
 mod check;
 mod launch;
 mod loading;
@@ -146,6 +147,9 @@ pub struct Store {
     /// Bumped after every committed history row, so readers of history (event
     /// streams, waiters) know to look again.
     history_changed: Arc<watch::Sender<u64>>,
+    /// Backends whose row changed since the reconciler last took them (see
+    /// `changes.rs`). std Mutex, not tokio's: never held across an await.
+    changed: Arc<std::sync::Mutex<changes::ChangedBackends>>,
 }
 
 const BACKEND_COLUMNS: &str = "id, spec, desired, termination_kind, termination_reason, status, state, \
@@ -175,6 +179,7 @@ impl Store {
             instance_id: String::new(),
             desired_changed: Arc::new(Notify::new()),
             history_changed: Arc::new(watch::channel(0).0),
+            changed: Arc::default(),
         };
         store.migrate(path).await?;
         let instance_id = store.ensure_instance_id().await?;
@@ -278,6 +283,7 @@ impl Store {
         let same_launch = inserted || launch::fetch_launch(&mut tx, id).await? == Some(launch);
         tx.commit().await?;
         if inserted {
+            self.note_changed(id);
             self.desired_changed.notify_one();
             self.notify_history();
         }
@@ -358,6 +364,7 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::Corrupt(format!("backend {id} vanished")))?;
         tx.commit().await?;
+        self.note_changed(id);
         self.desired_changed.notify_one();
         Ok(TerminateOutcome::Requested(row))
     }
@@ -430,6 +437,7 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
+        self.note_changed(id);
         self.notify_history();
         Ok(true)
     }
@@ -442,6 +450,7 @@ impl Store {
             .bind(id.as_str())
             .execute(&self.pool)
             .await?;
+        self.note_changed(id);
         Ok(())
     }
 

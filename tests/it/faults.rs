@@ -52,7 +52,10 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
@@ -63,7 +66,11 @@ async fn a_full_disk_makes_spawn_503_writes_nothing_and_everything_recovers_with
     let dir = tempfile::tempdir_in(&tmpfs.path).unwrap();
     // The log lives on a real disk, so it can tell what happened while the tmpfs was full.
     let logs = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(logs.path().join("daemon.log"), dir.path().join("daemon.log")).unwrap();
+    std::os::unix::fs::symlink(
+        logs.path().join("daemon.log"),
+        dir.path().join("daemon.log"),
+    )
+    .unwrap();
     let daemon = Daemon::start_in(dir, DaemonConfig::default()).await;
     let running = daemon.spawn(None).await;
     let ready = daemon.wait_status(&running, "ready", READY_WITHIN).await;
@@ -74,29 +81,51 @@ async fn a_full_disk_makes_spawn_503_writes_nothing_and_everything_recovers_with
     // The backend dies while nothing can be recorded: the reconciler must keep trying.
     docker(&["kill", ready["container_id"].as_str().unwrap()]);
     let log_path = logs.path().join("daemon.log");
-    wait_for("a failed write of the exit, to be retried", READY_WITHIN, || async {
-        std::fs::read_to_string(&log_path).unwrap_or_default().lines().any(|l| {
-            l.contains("action failed, will retry") && l.contains(&running) && l.contains("disk is full")
-        })
-    })
+    wait_for(
+        "a failed write of the exit, to be retried",
+        READY_WITHIN,
+        || async {
+            std::fs::read_to_string(&log_path)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    l.contains("action failed, will retry")
+                        && l.contains(&running)
+                        && l.contains("disk is full")
+                })
+        },
+    )
     .await;
 
     assert_eq!(status, 503, "{refused}");
-    assert_eq!(refused, json!({"error": "database unavailable: database or disk is full"}));
+    assert_eq!(
+        refused,
+        json!({"error": "database unavailable: database or disk is full"})
+    );
     let (missing, _) = daemon.get("/v1/backends/ba-diskfull").await;
     assert_eq!(missing, 404, "nothing half-written");
     assert_eq!(
-        daemon.query_one("SELECT count(*) FROM backend_events WHERE backend_id = 'ba-diskfull'").await,
+        daemon
+            .query_one("SELECT count(*) FROM backend_events WHERE backend_id = 'ba-diskfull'")
+            .await,
         0
     );
-    assert_eq!(daemon.backend(&running).await["status"], "ready", "the exit is not recorded yet");
+    assert_eq!(
+        daemon.backend(&running).await["status"],
+        "ready",
+        "the exit is not recorded yet"
+    );
 
     std::fs::remove_file(filler).unwrap();
-    let done = daemon.wait_status(&running, "terminated", READY_WITHIN).await;
+    let done = daemon
+        .wait_status(&running, "terminated", READY_WITHIN)
+        .await;
     assert_eq!(done["exit_code"], 137);
     let (status, created) = daemon.post("/v1/backends", body).await;
     assert_eq!(status, 201, "{created}");
-    daemon.wait_status("ba-diskfull", "ready", READY_WITHIN).await;
+    daemon
+        .wait_status("ba-diskfull", "ready", READY_WITHIN)
+        .await;
     drop(daemon);
     drop(tmpfs);
 }
@@ -173,9 +202,16 @@ async fn docker_unreachable_after_start_is_reported_by_healthz_and_recovered_fro
     let (_, down) = daemon.get("/healthz").await;
     // Desired state is still taken while the engine is away.
     let during = daemon.spawn(None).await;
-    let outage = query_json(&daemon.db_path(), "SELECT noticed_by, ended_at_ms FROM docker_outages").await;
+    let outage = query_json(
+        &daemon.db_path(),
+        "SELECT noticed_by, ended_at_ms FROM docker_outages",
+    )
+    .await;
 
-    assert_eq!(down, json!({"error": format!("docker engine unreachable at {endpoint}")}));
+    assert_eq!(
+        down,
+        json!({"error": format!("docker engine unreachable at {endpoint}")})
+    );
     assert_eq!(outage.len(), 1, "{outage:?}");
     assert_eq!(outage[0]["ended_at_ms"], serde_json::Value::Null);
     let status = daemon.backend(&during).await["status"].clone();
@@ -187,10 +223,17 @@ async fn docker_unreachable_after_start_is_reported_by_healthz_and_recovered_fro
     })
     .await;
     daemon.wait_status(&during, "ready", READY_WITHIN).await;
-    assert_eq!(daemon.backend(&before).await["status"], "ready", "left running throughout");
+    assert_eq!(
+        daemon.backend(&before).await["status"],
+        "ready",
+        "left running throughout"
+    );
     let outage = query_json(&daemon.db_path(), "SELECT ended_at_ms FROM docker_outages").await;
     assert_eq!(outage.len(), 1);
-    assert!(outage[0]["ended_at_ms"].is_i64(), "outage closed: {outage:?}");
+    assert!(
+        outage[0]["ended_at_ms"].is_i64(),
+        "outage closed: {outage:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,21 +247,31 @@ async fn a_container_docker_cannot_create_or_start_ends_with_dockers_error() {
         .spawn_executable(json!({"image": test_image(), "command": ["/no/such/binary"]}))
         .await;
 
-    let create = daemon.wait_status(&no_network, "terminated", READY_WITHIN).await;
+    let create = daemon
+        .wait_status(&no_network, "terminated", READY_WITHIN)
+        .await;
     assert_eq!(create["state"]["reason"], "internalerror");
     // Docker creates the container and only finds the network missing at start.
     assert_eq!(
         create["error"],
         "cannot start container: not found: network drover-no-such-network not found"
     );
-    let start = daemon.wait_status(&no_binary, "terminated", READY_WITHIN).await;
+    let start = daemon
+        .wait_status(&no_binary, "terminated", READY_WITHIN)
+        .await;
     assert_eq!(start["state"]["reason"], "internalerror");
     let error = start["error"].as_str().unwrap();
-    assert!(error.starts_with("cannot start container: docker refused (400): "), "{error}");
+    assert!(
+        error.starts_with("cannot start container: docker refused (400): "),
+        "{error}"
+    );
     assert!(error.contains("/no/such/binary"), "{error}");
     for (id, done) in [(&no_network, &create), (&no_binary, &start)] {
         let last = daemon.events(id).await.pop().unwrap();
-        assert_eq!(last["error"], done["error"], "the event keeps Docker's error");
+        assert_eq!(
+            last["error"], done["error"],
+            "the event keeps Docker's error"
+        );
         assert_eq!(last["state"]["last_status"], "starting");
     }
 }

@@ -30,12 +30,17 @@ fn with_image(mut executable: Value) -> Vec<u8> {
 fn hostile_spawn_bodies() -> Vec<(&'static str, Vec<u8>, String)> {
     let image = test_image();
     let raw = |text: &str| text.as_bytes().to_vec();
-    let id_body = |id: &str| json!({ "id": id, "executable": { "image": image } }).to_string().into_bytes();
+    let id_body = |id: &str| {
+        json!({ "id": id, "executable": { "image": image } })
+            .to_string()
+            .into_bytes()
+    };
     let id_char_error = |c: char| {
         format!("id: backend id may only contain lowercase letters, digits and '-' (found {c:?})")
     };
-    let many_env: serde_json::Map<String, Value> =
-        (0..10_000).map(|i| (format!("VAR_{i}"), json!("x"))).collect();
+    let many_env: serde_json::Map<String, Value> = (0..10_000)
+        .map(|i| (format!("VAR_{i}"), json!("x")))
+        .collect();
     let big_env = json!({ "A": "x".repeat(40_000), "B": "y".repeat(40_000) });
     let limits = |limits: Value| with_image(json!({ "resource_limits": limits }));
     let lower_words = "lowercase letters and digits, separated by '.', '_', '__' or dashes";
@@ -146,13 +151,30 @@ async fn every_hostile_spawn_body_is_a_400_with_its_exact_error_and_writes_nothi
         let (status, answer) = daemon.post_raw("/v1/backends", body).await;
         let error = answer["error"].as_str().unwrap_or_default();
         if status != 400 || error != expected {
-            wrong.push(format!("{what}: got {status} {error:?}\n{:>w$}expected 400 {expected:?}", "", w = what.len() + 2));
+            wrong.push(format!(
+                "{what}: got {status} {error:?}\n{:>w$}expected 400 {expected:?}",
+                "",
+                w = what.len() + 2
+            ));
         }
     }
-    assert!(wrong.is_empty(), "{} case(s) wrong:\n{}", wrong.len(), wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "{} case(s) wrong:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
 
-    assert_eq!(count(&daemon, "backends").await, 0, "no backend row written");
-    assert_eq!(count(&daemon, "backend_events").await, 0, "no event row written");
+    assert_eq!(
+        count(&daemon, "backends").await,
+        0,
+        "no backend row written"
+    );
+    assert_eq!(
+        count(&daemon, "backend_events").await,
+        0,
+        "no event row written"
+    );
     assert!(daemon.containers().is_empty());
 }
 
@@ -177,20 +199,43 @@ async fn unknown_top_level_fields_are_refused_by_name() {
 async fn hostile_ids_in_the_path_are_400_and_unknown_ones_404() {
     let daemon = Daemon::start().await;
     let cases = [
-        ("ba-caf%C3%A9", "id: backend id may only contain lowercase letters, digits and '-' (found '\u{e9}')"),
-        ("ba-a%20b", "id: backend id may only contain lowercase letters, digits and '-' (found ' ')"),
-        ("ba-UP", "id: backend id may only contain lowercase letters, digits and '-' (found 'U')"),
-        ("ba-a%00", "id: backend id may only contain lowercase letters, digits and '-' (found '\\0')"),
+        (
+            "ba-caf%C3%A9",
+            "id: backend id may only contain lowercase letters, digits and '-' (found '\u{e9}')",
+        ),
+        (
+            "ba-a%20b",
+            "id: backend id may only contain lowercase letters, digits and '-' (found ' ')",
+        ),
+        (
+            "ba-UP",
+            "id: backend id may only contain lowercase letters, digits and '-' (found 'U')",
+        ),
+        (
+            "ba-a%00",
+            "id: backend id may only contain lowercase letters, digits and '-' (found '\\0')",
+        ),
     ];
     for (raw, expected) in cases {
-        for path in [format!("/v1/backends/{raw}"), format!("/v1/backends/{raw}/events")] {
+        for path in [
+            format!("/v1/backends/{raw}"),
+            format!("/v1/backends/{raw}/events"),
+        ] {
             let (status, body) = daemon.get(&path).await;
-            assert_eq!((status, body["error"].as_str().unwrap_or_default()), (400, expected), "{path}");
+            assert_eq!(
+                (status, body["error"].as_str().unwrap_or_default()),
+                (400, expected),
+                "{path}"
+            );
         }
         let (status, body) = daemon
             .post(&format!("/v1/backends/{raw}/terminate"), json!({}))
             .await;
-        assert_eq!((status, body["error"].as_str().unwrap_or_default()), (400, expected), "{raw}");
+        assert_eq!(
+            (status, body["error"].as_str().unwrap_or_default()),
+            (400, expected),
+            "{raw}"
+        );
     }
     let long = format!("ba-{}", "a".repeat(43));
     let (status, body) = daemon.get(&format!("/v1/backends/{long}")).await;
@@ -198,7 +243,10 @@ async fn hostile_ids_in_the_path_are_400_and_unknown_ones_404() {
     assert_eq!(body["error"], "id: backend id is longer than 45 characters");
 
     let (status, body) = daemon
-        .post("/v1/backends/ba-nosuchbackend/terminate", json!({"hard": true}))
+        .post(
+            "/v1/backends/ba-nosuchbackend/terminate",
+            json!({"hard": true}),
+        )
         .await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"], "no backend ba-nosuchbackend");
@@ -212,10 +260,15 @@ async fn a_five_mib_spawn_body_is_a_413_with_a_json_error() {
     let padding = "x".repeat(5 * 1024 * 1024);
     let body = json!({ "executable": { "image": test_image(), "env": { "PAD": padding } } });
 
-    let (status, answer) = daemon.post_raw("/v1/backends", body.to_string().into_bytes()).await;
+    let (status, answer) = daemon
+        .post_raw("/v1/backends", body.to_string().into_bytes())
+        .await;
 
     assert_eq!(status, 413, "{answer}");
-    assert_eq!(answer, json!({"error": "request body larger than 1048576 bytes"}));
+    assert_eq!(
+        answer,
+        json!({"error": "request body larger than 1048576 bytes"})
+    );
     assert_eq!(count(&daemon, "backends").await, 0);
     // The daemon is unharmed.
     let (status, _) = daemon.get("/healthz").await;
@@ -228,17 +281,18 @@ async fn twenty_concurrent_spawns_of_one_id_make_one_backend_and_one_container()
     let id = format!("ba-burst{}", free_port());
     let body = json!({ "id": id, "executable": { "image": test_image() } });
 
-    let answers = futures::future::join_all(
-        (0..20).map(|_| daemon.post("/v1/backends", body.clone())),
-    )
-    .await;
+    let answers =
+        futures::future::join_all((0..20).map(|_| daemon.post("/v1/backends", body.clone()))).await;
 
     let mut statuses: Vec<u16> = answers.iter().map(|(status, _)| *status).collect();
     statuses.sort();
     let mut expected = vec![200; 19];
     expected.push(201);
     assert_eq!(statuses, expected, "{answers:?}");
-    assert!(answers.iter().all(|(_, b)| b["id"] == id.as_str()), "{answers:?}");
+    assert!(
+        answers.iter().all(|(_, b)| b["id"] == id.as_str()),
+        "{answers:?}"
+    );
     daemon.wait_status(&id, "ready", READY_WITHIN).await;
     assert_eq!(daemon.containers().len(), 1, "{:?}", daemon.containers());
     assert_eq!(count(&daemon, "backends").await, 1);

@@ -42,12 +42,23 @@ async fn resource_limits_reach_the_container_as_docker_and_the_kernel_report_the
 
     let host = inspect(ready["container_id"].as_str().unwrap())["HostConfig"].clone();
     assert_eq!(host["Memory"], MEMORY);
-    assert_eq!(host["MemorySwap"], MEMORY, "no swap beyond the memory limit");
+    assert_eq!(
+        host["MemorySwap"], MEMORY,
+        "no swap beyond the memory limit"
+    );
     assert_eq!(host["CpuPeriod"], 50_000);
     assert_eq!(host["CpuQuota"], 25_000);
-    assert_eq!(host["Ulimits"], json!([{"Name": "cpu", "Soft": 30, "Hard": 30}]));
+    assert_eq!(
+        host["Ulimits"],
+        json!([{"Name": "cpu", "Soft": 30, "Hard": 30}])
+    );
     let address = ready["address"].as_str().unwrap();
-    let seen = reqwest::get(format!("http://{address}/limits")).await.unwrap().text().await.unwrap();
+    let seen = reqwest::get(format!("http://{address}/limits"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(seen.trim(), format!("{MEMORY} 25000 50000 30"));
 }
 
@@ -85,8 +96,14 @@ async fn a_disk_limit_the_storage_driver_cannot_honour_ends_the_backend_with_doc
     let done = daemon.wait_status(&id, "terminated", READY_WITHIN).await;
     assert_eq!(done["state"]["reason"], "internalerror", "{done}");
     let error = done["error"].as_str().unwrap();
-    assert!(error.starts_with("cannot create container: docker refused ("), "{error}");
-    assert!(error.contains(&dockers_words), "{error} lacks {dockers_words:?}");
+    assert!(
+        error.starts_with("cannot create container: docker refused ("),
+        "{error}"
+    );
+    assert!(
+        error.contains(&dockers_words),
+        "{error} lacks {dockers_words:?}"
+    );
     assert!(
         error.ends_with("(executable.resource_limits.disk_limit_bytes needs a storage driver that supports a size limit, e.g. overlay2 on xfs mounted with pquota)"),
         "{error}"
@@ -117,7 +134,11 @@ async fn a_backend_over_its_memory_limit_is_recorded_oom_killed_with_exit_137() 
     assert_eq!(done["exit_code"], 137, "{done}");
     assert_eq!(done["oom_killed"], true, "{done}");
     assert_eq!(
-        daemon.query_one(&format!("SELECT oom_killed FROM backends WHERE id = '{id}'")).await,
+        daemon
+            .query_one(&format!(
+                "SELECT oom_killed FROM backends WHERE id = '{id}'"
+            ))
+            .await,
         1
     );
     let container = done["container_id"].as_str().unwrap();

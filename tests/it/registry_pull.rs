@@ -26,11 +26,21 @@ async fn internal_error(daemon: &Daemon, id: &str) -> String {
     let done = daemon.wait_status(id, "terminated", READY_WITHIN).await;
     assert_eq!(done["state"]["reason"], "internalerror", "{done}");
     assert_eq!(done["exit_code"], Value::Null, "{done}");
-    let error = done["error"].as_str().unwrap_or_else(|| panic!("no error: {done}")).to_string();
+    let error = done["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error: {done}"))
+        .to_string();
     let last = daemon.events(id).await.pop().unwrap();
     assert_eq!(last["status"], "terminated");
-    assert_eq!(last["error"], error.as_str(), "the event keeps the error: {last}");
-    assert_eq!(daemon.statuses(id).await, ["scheduled", "loading", "terminated"]);
+    assert_eq!(
+        last["error"],
+        error.as_str(),
+        "the event keeps the error: {last}"
+    );
+    assert_eq!(
+        daemon.statuses(id).await,
+        ["scheduled", "loading", "terminated"]
+    );
     error
 }
 
@@ -41,7 +51,11 @@ async fn if_not_present_pulls_an_absent_image_once_and_reuses_it() {
     let daemon = Daemon::start().await;
     let since = since();
 
-    let first = spawn_image(&daemon, json!({"image": reference, "pull_policy": "IfNotPresent"})).await;
+    let first = spawn_image(
+        &daemon,
+        json!({"image": reference, "pull_policy": "IfNotPresent"}),
+    )
+    .await;
     daemon.wait_status(&first, "ready", READY_WITHIN).await;
     let second = spawn_image(&daemon, json!({"image": reference})).await;
     daemon.wait_status(&second, "ready", READY_WITHIN).await;
@@ -61,7 +75,11 @@ async fn always_pulls_for_every_spawn() {
     let since = since();
 
     for expected_pulls in 1..=2 {
-        let id = spawn_image(&daemon, json!({"image": reference, "pull_policy": "Always"})).await;
+        let id = spawn_image(
+            &daemon,
+            json!({"image": reference, "pull_policy": "Always"}),
+        )
+        .await;
         daemon.wait_status(&id, "ready", READY_WITHIN).await;
         assert_eq!(pulls_of(&reference, since), expected_pulls);
     }
@@ -77,12 +95,23 @@ async fn never_ends_the_backend_cleanly_when_the_image_is_absent_and_pulls_nothi
 
     let absent = spawn_image(&daemon, json!({"image": reference, "pull_policy": "Never"})).await;
     let error = internal_error(&daemon, &absent).await;
-    let present = spawn_image(&daemon, json!({"image": test_image(), "pull_policy": "Never"})).await;
+    let present = spawn_image(
+        &daemon,
+        json!({"image": test_image(), "pull_policy": "Never"}),
+    )
+    .await;
     daemon.wait_status(&present, "ready", READY_WITHIN).await;
 
-    assert_eq!(error, format!("image {reference} is not present and pull_policy is Never"));
+    assert_eq!(
+        error,
+        format!("image {reference} is not present and pull_policy is Never")
+    );
     assert_eq!(pulls_of(&reference, since), 0);
-    assert_eq!(daemon.containers().len(), 1, "no container for the absent image");
+    assert_eq!(
+        daemon.containers().len(),
+        1,
+        "no container for the absent image"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,10 +141,17 @@ async fn a_private_registry_is_pulled_with_the_spawns_credentials_and_refuses_ot
 
     let failed = format!("pull of {reference} failed: docker refused (500): ");
     assert!(anonymous_error.starts_with(&failed), "{anonymous_error}");
-    assert!(anonymous_error.ends_with("no basic auth credentials"), "{anonymous_error}");
+    assert!(
+        anonymous_error.ends_with("no basic auth credentials"),
+        "{anonymous_error}"
+    );
     assert!(wrong_error.starts_with(&failed), "{wrong_error}");
     assert!(wrong_error.contains("unauthorized"), "{wrong_error}");
-    assert_eq!(pulls_of(&reference, since), 1, "only the right password pulled");
+    assert_eq!(
+        pulls_of(&reference, since),
+        1,
+        "only the right password pulled"
+    );
     // The passwords are nowhere but in the spec column drover needs to pull again.
     let mut shown = Vec::new();
     for id in [&anonymous, &wrong, &right] {
@@ -131,7 +167,10 @@ async fn a_private_registry_is_pulled_with_the_spawns_credentials_and_refuses_ot
             assert!(!text.contains(secret), "password leaked: {text}");
         }
     }
-    assert_eq!(daemon.backend(&right).await["executable"]["credentials"]["password"], "<redacted>");
+    assert_eq!(
+        daemon.backend(&right).await["executable"]["credentials"]["password"],
+        "<redacted>"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,11 +179,21 @@ async fn an_unknown_image_ends_the_backend_with_the_registrys_error_not_a_hang()
     let reference = registry.reference("drover/nosuchimage:v1");
     let daemon = Daemon::start().await;
 
-    let id = spawn_image(&daemon, json!({"image": reference, "pull_policy": "Always"})).await;
+    let id = spawn_image(
+        &daemon,
+        json!({"image": reference, "pull_policy": "Always"}),
+    )
+    .await;
     let error = internal_error(&daemon, &id).await;
 
-    assert!(error.starts_with(&format!("pull of {reference} failed: ")), "{error}");
-    assert!(error.contains("not found") || error.contains("manifest unknown"), "{error}");
+    assert!(
+        error.starts_with(&format!("pull of {reference} failed: ")),
+        "{error}"
+    );
+    assert!(
+        error.contains("not found") || error.contains("manifest unknown"),
+        "{error}"
+    );
     assert!(daemon.containers().is_empty());
 }
 
@@ -162,7 +211,11 @@ async fn pull_progress_is_logged_at_debug_and_shown_as_the_loading_detail() {
     let (_, list) = daemon.get("/v1/backends").await;
     assert_eq!(list[0]["loading_detail"], detail.as_str());
     assert_eq!(
-        daemon.query_one(&format!("SELECT loading_detail FROM backends WHERE id = '{id}'")).await,
+        daemon
+            .query_one(&format!(
+                "SELECT loading_detail FROM backends WHERE id = '{id}'"
+            ))
+            .await,
         detail.as_str()
     );
     let status = std::process::Command::new(BIN)
@@ -171,13 +224,21 @@ async fn pull_progress_is_logged_at_debug_and_shown_as_the_loading_detail() {
         .unwrap();
     let printed = String::from_utf8_lossy(&status.stdout);
     assert!(status.status.success(), "{printed}");
-    assert!(printed.lines().any(|l| l == format!("loading    {detail}")), "{printed}");
+    assert!(
+        printed.lines().any(|l| l == format!("loading    {detail}")),
+        "{printed}"
+    );
     let log = daemon.log();
     let progress: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("DEBUG") && l.contains("pull progress") && l.contains(&reference))
         .collect();
     // The layers are the test image's, already on the host: no download lines.
-    assert!(progress.iter().any(|l| l.contains("Pulling from drover/progress")), "{log}");
+    assert!(
+        progress
+            .iter()
+            .any(|l| l.contains("Pulling from drover/progress")),
+        "{log}"
+    );
     assert!(progress.iter().any(|l| l.contains(&detail)), "{log}");
 }

@@ -36,7 +36,10 @@ async fn daemon_with_mounts() -> (Daemon, tempfile::TempDir, PathBuf) {
 
 fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     names.sort();
     names
@@ -50,25 +53,50 @@ async fn mounts_that_leave_the_base_are_400_and_create_nothing() {
     // A symlink inside the base (as a backend could make in its own folder) pointing out.
     std::os::unix::fs::symlink(outside.path(), base.join("escape")).unwrap();
     let cases = [
-        (json!(true), "executable.mount: true needs a key to name the folder"),
+        (
+            json!(true),
+            "executable.mount: true needs a key to name the folder",
+        ),
         (json!("../x"), "executable.mount: path may not contain '..'"),
-        (json!("a/../../x"), "executable.mount: path may not contain '..'"),
-        (json!("/etc/x"), "executable.mount: path must be relative to the mount base"),
-        (json!("."), "executable.mount: path must name a folder under the mount base, not the base itself"),
-        (json!("escape/x"), "executable.mount: escape/x resolves outside the mount base"),
-        (json!("escape"), "executable.mount: escape resolves outside the mount base"),
+        (
+            json!("a/../../x"),
+            "executable.mount: path may not contain '..'",
+        ),
+        (
+            json!("/etc/x"),
+            "executable.mount: path must be relative to the mount base",
+        ),
+        (
+            json!("."),
+            "executable.mount: path must name a folder under the mount base, not the base itself",
+        ),
+        (
+            json!("escape/x"),
+            "executable.mount: escape/x resolves outside the mount base",
+        ),
+        (
+            json!("escape"),
+            "executable.mount: escape resolves outside the mount base",
+        ),
     ];
 
     for (mount, expected) in cases {
         let (status, body) = daemon
-            .post("/v1/backends", json!({"executable": {"image": test_image(), "mount": mount}}))
+            .post(
+                "/v1/backends",
+                json!({"executable": {"image": test_image(), "mount": mount}}),
+            )
             .await;
         assert_eq!(status, 400, "{mount}: {body}");
         let error = body["error"].as_str().unwrap();
         assert!(error.starts_with(expected), "{mount}: {error}");
     }
 
-    assert_eq!(entries(outside.path()), Vec::<String>::new(), "nothing created outside");
+    assert_eq!(
+        entries(outside.path()),
+        Vec::<String>::new(),
+        "nothing created outside"
+    );
     assert_eq!(entries(&base), ["escape"], "nothing created inside");
     assert_eq!(count(&daemon, "backends").await, 0);
     assert!(daemon.containers().is_empty());
@@ -100,7 +128,10 @@ async fn a_relative_mount_is_the_backends_plane_data_folder_on_the_host() {
     .unwrap();
     assert_eq!(mounts.as_array().unwrap().len(), 1, "{mounts}");
     assert_eq!(mounts[0]["Destination"], "/plane-data");
-    assert_eq!(mounts[0]["Source"], folder.canonicalize().unwrap().display().to_string());
+    assert_eq!(
+        mounts[0]["Source"],
+        folder.canonicalize().unwrap().display().to_string()
+    );
 }
 
 /// A Docker network made by the test, removed when dropped (after the
@@ -133,12 +164,25 @@ async fn a_backend_joins_its_named_network_and_is_reachable_on_it() {
     .unwrap();
     let attached: Vec<&String> = networks.as_object().unwrap().keys().collect();
     assert_eq!(attached, [&network.0]);
-    let ip = networks[&network.0]["IPAddress"].as_str().unwrap().to_string();
+    let ip = networks[&network.0]["IPAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
     // A neighbour on the same network reaches the backend by its address there.
     let page = docker(&[
-        "run", "--rm", "--network", &network.0, test_image(),
+        "run",
+        "--rm",
+        "--network",
+        &network.0,
+        test_image(),
         // busybox's `wget -T` crashes in this static build; `timeout` bounds it instead.
-        "timeout", "10", "wget", "-q", "-O", "-", &format!("http://{ip}:8080/"),
+        "timeout",
+        "10",
+        "wget",
+        "-q",
+        "-O",
+        "-",
+        &format!("http://{ip}:8080/"),
     ]);
     assert_eq!(page, "hello from drover-test");
 }
@@ -164,7 +208,10 @@ async fn status_of(daemon: &Daemon, method: &str, path: &str, authorization: Opt
 fn client_with_token() -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    reqwest::Client::builder().default_headers(headers).build().unwrap()
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
 }
 
 const ENDPOINTS: &[(&str, &str)] = &[
@@ -205,11 +252,31 @@ async fn with_a_token_every_endpoint_but_healthz_answers_401_without_it() {
             assert_eq!(status, 401, "{method} {path} with {authorization:?}");
         }
     }
-    let (status, body) = daemon.post("/v1/backends", json!({"executable": {"image": test_image()}})).await;
-    assert_eq!((status, body), (401, json!({"error": "unauthorized: missing or wrong bearer token"})));
-    let response = daemon.http.get(daemon.url("/v1/backends")).send().await.unwrap();
+    let (status, body) = daemon
+        .post(
+            "/v1/backends",
+            json!({"executable": {"image": test_image()}}),
+        )
+        .await;
+    assert_eq!(
+        (status, body),
+        (
+            401,
+            json!({"error": "unauthorized: missing or wrong bearer token"})
+        )
+    );
+    let response = daemon
+        .http
+        .get(daemon.url("/v1/backends"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.headers()["www-authenticate"], "Bearer");
-    assert_eq!(count(&daemon, "backends").await, 0, "a refused spawn wrote nothing");
+    assert_eq!(
+        count(&daemon, "backends").await,
+        0,
+        "a refused spawn wrote nothing"
+    );
 
     for (method, path) in ENDPOINTS {
         for scheme in ["Bearer", "bearer"] {
@@ -230,7 +297,11 @@ async fn the_token_from_the_environment_guards_the_api_and_the_cli_sends_it() {
     .await;
     let cli = |token: Option<&str>, args: &[&str]| {
         let mut command = std::process::Command::new(BIN);
-        command.arg("--api").arg(daemon.url("")).args(args).env_remove("DROVER_API_TOKEN");
+        command
+            .arg("--api")
+            .arg(daemon.url(""))
+            .args(args)
+            .env_remove("DROVER_API_TOKEN");
         if let Some(token) = token {
             command.env("DROVER_API_TOKEN", token);
         }
@@ -239,7 +310,10 @@ async fn the_token_from_the_environment_guards_the_api_and_the_cli_sends_it() {
 
     let refused = cli(None, &["ls"]);
     let wrong = cli(Some("nope"), &["ls"]);
-    let spawned = cli(Some(TOKEN), &["spawn", "--image", test_image(), "--id", "ba-clitoken"]);
+    let spawned = cli(
+        Some(TOKEN),
+        &["spawn", "--image", test_image(), "--id", "ba-clitoken"],
+    );
     let listed = cli(Some(TOKEN), &["ls", "--json"]);
 
     for denied in [&refused, &wrong] {
@@ -249,14 +323,23 @@ async fn the_token_from_the_environment_guards_the_api_and_the_cli_sends_it() {
             "drover: unauthorized: missing or wrong bearer token (HTTP 401)"
         );
     }
-    assert!(spawned.status.success(), "{}", String::from_utf8_lossy(&spawned.stderr));
-    assert_eq!(String::from_utf8_lossy(&spawned.stdout).trim(), "ba-clitoken");
+    assert!(
+        spawned.status.success(),
+        "{}",
+        String::from_utf8_lossy(&spawned.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&spawned.stdout).trim(),
+        "ba-clitoken"
+    );
     assert!(listed.status.success());
     let list: Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(list[0]["id"], "ba-clitoken");
     assert_eq!(status_of(&daemon, "GET", "/v1/backends", None).await, 401);
     daemon.http = client_with_token();
-    daemon.wait_status("ba-clitoken", "ready", READY_WITHIN).await;
+    daemon
+        .wait_status("ba-clitoken", "ready", READY_WITHIN)
+        .await;
     assert!(!daemon.log().contains(TOKEN), "the token is logged");
 }
 
@@ -279,10 +362,25 @@ async fn a_body_one_byte_over_one_mib_is_413_and_one_at_the_limit_is_read() {
         .post_raw("/v1/backends/ba-nosuch/terminate", vec![b' '; limit + 1])
         .await;
 
-    assert_eq!(at_limit, 400, "read, then refused for its size of env: {read}");
-    assert!(read["error"].as_str().unwrap().starts_with("executable.env: at most 65536 bytes"), "{read}");
+    assert_eq!(
+        at_limit, 400,
+        "read, then refused for its size of env: {read}"
+    );
+    assert!(
+        read["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("executable.env: at most 65536 bytes"),
+        "{read}"
+    );
     for (status, body) in [(over, refused), (terminate_over, terminate_refused)] {
-        assert_eq!((status, body), (413, json!({"error": "request body larger than 1048576 bytes"})));
+        assert_eq!(
+            (status, body),
+            (
+                413,
+                json!({"error": "request body larger than 1048576 bytes"})
+            )
+        );
     }
     assert_eq!(count(&daemon, "backends").await, 0);
 }
@@ -293,9 +391,10 @@ async fn the_daemon_refuses_a_database_written_by_a_newer_schema() {
     daemon.stop();
     {
         use sqlx::sqlite::SqliteConnectOptions;
-        let pool = sqlx::SqlitePool::connect_with(SqliteConnectOptions::new().filename(daemon.db_path()))
-            .await
-            .unwrap();
+        let pool =
+            sqlx::SqlitePool::connect_with(SqliteConnectOptions::new().filename(daemon.db_path()))
+                .await
+                .unwrap();
         sqlx::query(
             "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
              VALUES (20991231000000, 'from the future', 1, x'00', 0)",

@@ -400,15 +400,22 @@ impl Executor {
         self.record_waiting(row, &container_id).await
     }
 
-    /// Starts the container; false when Docker does not know it (any more, or
-    /// yet: a create sent by a process killed mid-request is listed before
-    /// Docker has finished it). Not an error of the backend: the planner
-    /// decides again from a fresh picture, and a create then finds the name
-    /// taken and adopts whatever container holds it.
+    /// Starts the container; false when it no longer exists (the planner
+    /// decides again from a fresh picture). A container Docker does not know
+    /// yet (a create sent by a process killed mid-request is listed before
+    /// Docker has finished it) is a transient failure, tried again shortly:
+    /// neither is an error of the backend.
     async fn start(&self, row: &BackendRow, container_id: &str) -> Result<bool, Failure> {
         match self.docker.start(container_id).await {
             Ok(()) => Ok(true),
             Err(DockerError::NotFound(message)) => {
+                // Docker answers "No such container" for a container whose
+                // create is still under way (sent by a process killed
+                // mid-request) although it already lists and inspects it:
+                // try again shortly.
+                if message.contains("No such container") {
+                    return Err(Failure::Transient(format!("cannot start container yet: {message}"), false));
+                }
                 // A 404 may name something else the container needs (a network
                 // removed or never made): that is the backend's error, not a
                 // vanished container, or create and start would loop forever.

@@ -130,6 +130,11 @@ pub fn plan_backend(
             }),
         };
     };
+    // The steady state, answered first: a ready backend whose container runs
+    // needs nothing, and costs no allocation on every pass.
+    if status == S::Ready && container.run_state == RunState::Running && !wants_termination {
+        return None;
+    }
     let container_id = container.container_id.clone();
 
     match container.run_state {

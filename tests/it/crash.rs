@@ -6,8 +6,8 @@
 //!
 //! Deterministic kills use the named crash points of `drover::crash`
 //! (`DROVER_CRASH_AT`), compiled into the test build. Every test here fails if
-//! the guarantee it names is broken: without adoption on restart, the ready
-//! backend tests see a new container or new events.
+//! the guarantee it names is broken: e.g. with the boot's replay and resync
+//! taken out (nothing adopted), the ready backend is recorded lost.
 
 use crate::support::*;
 use serde_json::{json, Value};

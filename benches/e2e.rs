@@ -93,7 +93,7 @@ impl Scale {
                 name: "full",
                 spawn_pairs: 20,
                 burst: 50,
-                burst_rounds: 3,
+                burst_rounds: 4,
                 exit_samples: 20,
                 restart_backends: 100,
                 idle_small: 50,
@@ -837,10 +837,14 @@ async fn exit_to_record(scale: &Scale, daemon: &Daemon, raw: &Raw, findings: &mu
     println!("exit to record: {} samples", scale.exit_samples);
     let ids = daemon.spawn_ready(scale.exit_samples).await?;
     let containers = daemon.container_ids(&ids).await?;
-    // The floor: when Docker's own `die` event reaches a client.
+    // The floor: when Docker's own `die` event reaches a client. And how long
+    // an inspect sent at that moment takes to answer (drover inspects each
+    // exited container for its exact `FinishedAt`).
     let deaths: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let inspects: Arc<Mutex<Vec<f64>>> = Arc::default();
     let listener = {
         let deaths = deaths.clone();
+        let inspects = inspects.clone();
         let docker = raw.docker.clone();
         let filters = HashMap::from([
             ("type".to_string(), vec!["container".to_string()]),
@@ -855,7 +859,15 @@ async fn exit_to_record(scale: &Scale, daemon: &Daemon, raw: &Raw, findings: &mu
         tokio::spawn(async move {
             while let Some(Ok(event)) = events.next().await {
                 if let Some(id) = event.actor.and_then(|a| a.id) {
-                    deaths.lock().unwrap().entry(id).or_insert_with(Instant::now);
+                    deaths.lock().unwrap().entry(id.clone()).or_insert_with(Instant::now);
+                    let docker = docker.clone();
+                    let inspects = inspects.clone();
+                    tokio::spawn(async move {
+                        let t = Instant::now();
+                        if docker.inspect_container(&id, None::<InspectContainerOptions>).await.is_ok() {
+                            inspects.lock().unwrap().push(millis(t.elapsed()));
+                        }
+                    });
                 }
             }
         })
@@ -912,6 +924,7 @@ async fn exit_to_record(scale: &Scale, daemon: &Daemon, raw: &Raw, findings: &mu
     let d = Stats::of(&record_ms);
     let e = Stats::of(&event_ms);
     let a = Stats::of(&after_event_ms);
+    let i = Stats::of(&inspects.lock().unwrap());
     findings.target(
         "exit to record (median, `docker kill` → `terminated` row with exit code)",
         ms(d.median),
@@ -923,7 +936,8 @@ async fn exit_to_record(scale: &Scale, daemon: &Daemon, raw: &Raw, findings: &mu
     writeln!(s, "| | median | min | max |\n|---|---|---|---|")?;
     writeln!(s, "| drover: `docker kill` (SIGKILL) → `terminated` row with exit code 137 | {} | {} | {} |", ms(d.median), ms(d.min), ms(d.max))?;
     writeln!(s, "| floor: `docker kill` → Docker's `die` event received by a client | {} | {} | {} |", ms(e.median), ms(e.min), ms(e.max))?;
-    writeln!(s, "| drover's own part: `die` event received → row committed (per sample; may be below zero when drover read the event first) | {} | {} | {} |\n", ms(a.median), ms(a.min), ms(a.max))?;
+    writeln!(s, "| drover's own part: `die` event received → row committed (per sample; may be below zero when drover read the event first) | {} | {} | {} |", ms(a.median), ms(a.min), ms(a.max))?;
+    writeln!(s, "| of which Docker: an inspect of the container sent when its `die` event arrives, until it answers | {} | {} | {} |\n", ms(i.median), ms(i.min), ms(i.max))?;
     findings.sections.push(s);
     findings.plane.push((
         "recording an exit".into(),

@@ -15,7 +15,7 @@ use crate::model::{
 };
 use crate::planner::{self, Action, Observed};
 use crate::store::{Store, StoreError};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -40,7 +40,9 @@ pub enum Wake {
     /// The event stream broke and the engine does not answer a ping: an
     /// outage begins.
     StreamLost(String),
-    TaskDone(ActionOutcome),
+    /// A task finished; the number tells which dispatch it was, so the
+    /// outcome of a cancelled probe that finished anyway is recognised.
+    TaskDone(u64, ActionOutcome),
 }
 
 /// Shared, lock-free view of the loop's health, for `/healthz` and `/metrics`.
@@ -58,6 +60,8 @@ pub struct ReconcilerSettings {
 }
 
 struct InFlight {
+    /// Which dispatch this is (see [`Wake::TaskDone`]).
+    task: u64,
     action: Action,
     abort: AbortHandle,
 }
@@ -79,6 +83,12 @@ pub struct Reconciler {
     rows: HashMap<BackendName, BackendRow>,
     /// Read every live row on the next pass (at boot, or after a failed read).
     reload_rows: bool,
+    /// Rows to read again on the next pass whether or not the store noted a
+    /// write: those of finished or cancelled tasks, whose writes may not have
+    /// been noted (a cancelled future) or were refused as stale.
+    reread: HashSet<BackendName>,
+    /// Number of the next dispatched task.
+    next_task: u64,
     wake_tx: mpsc::UnboundedSender<Wake>,
     wake_rx: mpsc::UnboundedReceiver<Wake>,
     /// Time of the latest Docker event seen, to resume the stream.
@@ -104,6 +114,8 @@ impl Reconciler {
             retry_at: HashMap::new(),
             rows: HashMap::new(),
             reload_rows: true,
+            reread: HashSet::new(),
+            next_task: 0,
             wake_tx,
             wake_rx,
             last_event_nanos: Arc::new(AtomicU64::new(0)),
@@ -179,8 +191,8 @@ impl Reconciler {
                 self.resync().await;
                 true
             }
-            Wake::TaskDone(outcome) => {
-                self.apply_outcome(outcome).await;
+            Wake::TaskDone(task, outcome) => {
+                self.apply_outcome(task, outcome).await;
                 false
             }
         }
@@ -198,8 +210,10 @@ impl Reconciler {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.in_flight.is_empty() {
             match tokio::time::timeout_at(deadline, self.wake_rx.recv()).await {
-                Ok(Some(Wake::TaskDone(outcome))) => {
-                    self.in_flight.remove(&outcome.backend);
+                Ok(Some(Wake::TaskDone(task, outcome))) => {
+                    if self.in_flight.get(&outcome.backend).is_some_and(|f| f.task == task) {
+                        self.in_flight.remove(&outcome.backend);
+                    }
                 }
                 Ok(Some(_)) => {}
                 _ => break,
@@ -242,6 +256,9 @@ impl Reconciler {
                 }
                 in_flight.abort.abort();
                 self.in_flight.remove(&row.id);
+                // A probe cancelled mid-commit may have written `ready`
+                // without the store noting it: read the row again.
+                self.reread.insert(row.id.clone());
             }
             if self.retry_at.contains_key(&row.id) {
                 continue;
@@ -260,8 +277,9 @@ impl Reconciler {
     /// is read again on the next pass.
     async fn refresh_rows(&mut self) -> Result<(), StoreError> {
         let changed = self.store.take_changed();
+        let reread = std::mem::take(&mut self.reread);
         let ids = match changed {
-            Some(ids) if !self.reload_rows => ids,
+            Some(ids) if !self.reload_rows => ids.into_iter().chain(reread).collect::<HashSet<_>>(),
             _ => {
                 self.reload_rows = true;
                 let rows = self.store.live_backends().await?;
@@ -294,21 +312,45 @@ impl Reconciler {
         let wake_tx = self.wake_tx.clone();
         let id = row.id.clone();
         let task_action = action.clone();
+        let task = self.next_task;
+        self.next_task += 1;
         let handle = tokio::spawn(async move {
-            let outcome = executor.perform(row, task_action).await;
-            let _ = wake_tx.send(Wake::TaskDone(outcome));
+            let backend = row.id.clone();
+            // A panicking action must not leave its backend marked busy forever.
+            let outcome = match std::panic::AssertUnwindSafe(executor.perform(row, task_action))
+                .catch_unwind()
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    tracing::error!(backend = %backend, "action panicked; will retry");
+                    ActionOutcome {
+                        backend,
+                        container: ContainerUpdate::Unchanged,
+                        retry_after: Some(Duration::from_secs(1)),
+                        docker_unavailable: false,
+                    }
+                }
+            };
+            let _ = wake_tx.send(Wake::TaskDone(task, outcome));
         });
         self.in_flight.insert(
             id,
             InFlight {
+                task,
                 action,
                 abort: handle.abort_handle(),
             },
         );
     }
 
-    async fn apply_outcome(&mut self, outcome: ActionOutcome) {
-        self.in_flight.remove(&outcome.backend);
+    async fn apply_outcome(&mut self, task: u64, outcome: ActionOutcome) {
+        // The row may have moved on in ways the store's change notes miss
+        // (a refused compare-and-set): read it again before planning it.
+        self.reread.insert(outcome.backend.clone());
+        if self.in_flight.get(&outcome.backend).is_some_and(|f| f.task == task) {
+            self.in_flight.remove(&outcome.backend);
+        }
         match outcome.container {
             ContainerUpdate::Unchanged => {}
             ContainerUpdate::Observed(container) => {

@@ -58,6 +58,7 @@ impl Host {
     }
 
     async fn start(&mut self) -> DroverRuntime {
+        let _ = tracing_subscriber::fmt().with_env_filter("drover=debug").with_test_writer().try_init();
         let runtime = DroverRuntime::start(self.config()).await.expect("runtime starts");
         self.instance_id = runtime.instance_id().to_string();
         runtime

@@ -8,7 +8,7 @@ use crate::support::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-const READY_WITHIN: Duration = Duration::from_secs(30);
+const READY_WITHIN: Duration = Duration::from_secs(90);
 
 async fn count(daemon: &Daemon, table: &str) -> i64 {
     daemon

@@ -16,8 +16,8 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const READY_WITHIN: Duration = Duration::from_secs(30);
-const EXIT_WITHIN: Duration = Duration::from_secs(30);
+const READY_WITHIN: Duration = Duration::from_secs(90);
+const EXIT_WITHIN: Duration = Duration::from_secs(90);
 const WATERMARK_KEY: &str = "docker_events_since_nanos";
 const HAPPY_PATH: [&str; 5] = ["scheduled", "loading", "starting", "waiting", "ready"];
 

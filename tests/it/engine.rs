@@ -13,10 +13,10 @@ use crate::support::*;
 use serde_json::Value;
 use std::time::Duration;
 
-const READY_WITHIN: Duration = Duration::from_secs(30);
+const READY_WITHIN: Duration = Duration::from_secs(90);
 /// Long enough for the engine's restart and drover's reconnect backoff (at
 /// most 5 s between pings).
-const RECOVERY_WITHIN: Duration = Duration::from_secs(60);
+const RECOVERY_WITHIN: Duration = Duration::from_secs(90);
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()

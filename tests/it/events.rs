@@ -7,7 +7,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use std::time::Duration;
 
-const WITHIN: Duration = Duration::from_secs(60);
+const WITHIN: Duration = Duration::from_secs(90);
 
 /// An open `follow=true` stream, read message by message.
 struct Follow {

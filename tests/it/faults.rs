@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-const READY_WITHIN: Duration = Duration::from_secs(30);
+const READY_WITHIN: Duration = Duration::from_secs(90);
 
 /// A tmpfs of `size` mounted on a fresh temp dir; unmounted and removed when
 /// dropped (after the daemon using it, which is declared later).

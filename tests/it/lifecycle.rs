@@ -3,7 +3,7 @@
 use crate::support::*;
 use std::time::Duration;
 
-const READY_WITHIN: Duration = Duration::from_secs(30);
+const READY_WITHIN: Duration = Duration::from_secs(90);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_lives_scheduled_to_terminated_with_exact_history() {

@@ -9,7 +9,7 @@ use crate::support::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-const READY_WITHIN: Duration = Duration::from_secs(30);
+const READY_WITHIN: Duration = Duration::from_secs(90);
 const MEMORY: i64 = 64 * 1024 * 1024;
 
 fn inspect(container: &str) -> Value {

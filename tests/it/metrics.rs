@@ -8,8 +8,8 @@ use serde_json::{json, Value};
 use std::process::Command;
 use std::time::Duration;
 
-const READY_WITHIN: Duration = Duration::from_secs(30);
-const SAMPLES_WITHIN: Duration = Duration::from_secs(20);
+const READY_WITHIN: Duration = Duration::from_secs(90);
+const SAMPLES_WITHIN: Duration = Duration::from_secs(60);
 
 fn sampling(interval: &str, retention: &str) -> DaemonConfig {
     DaemonConfig {

@@ -12,7 +12,7 @@ use drover::store::Store;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-const WITHIN: Duration = Duration::from_secs(30);
+const WITHIN: Duration = Duration::from_secs(90);
 
 /// Serves HTTP, and exits with `code` once `/tmp/go` exists in the container.
 fn exit_on_cue(code: u8) -> Vec<String> {

@@ -9,7 +9,7 @@ use crate::support::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-const READY_WITHIN: Duration = Duration::from_secs(30);
+const READY_WITHIN: Duration = Duration::from_secs(90);
 
 /// Unix seconds a moment ago: the start of the window in which pulls are counted.
 fn since() -> i64 {

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-const WITHIN: Duration = Duration::from_secs(60);
+const WITHIN: Duration = Duration::from_secs(90);
 
 /// A command that waits (not listening) until `/tmp/go` exists, then exits 3.
 const EXIT_3_ON_GO: &str = "while [ ! -e /tmp/go ]; do sleep 0.1; done; exit 3";

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const READY_WITHIN: Duration = Duration::from_secs(30);
+const READY_WITHIN: Duration = Duration::from_secs(90);
 const TOKEN: &str = "drover-test-token-6c1f0a9e";
 
 async fn count(daemon: &Daemon, table: &str) -> i64 {

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-const WITHIN: Duration = Duration::from_secs(30);
+const WITHIN: Duration = Duration::from_secs(90);
 const DOC: &str = include_str!("../../docs/sql.md");
 /// The images of the run: the test image by its full name, and by its bare
 /// name (the same image, but another `image` string, so queries by image

@@ -169,7 +169,7 @@ impl Daemon {
     }
 
     pub async fn wait_healthy(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
@@ -181,7 +181,7 @@ impl Daemon {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "daemon not healthy in 20s; log:\n{}", self.log());
+            assert!(Instant::now() < deadline, "daemon not healthy in 60s; log:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

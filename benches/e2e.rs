@@ -305,6 +305,15 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// Adds `toml` to the configuration the next launch reads.
+    fn append_config(&self, toml: &str) -> Result<()> {
+        let path = self.dir.path().join("drover.toml");
+        let mut config = std::fs::read_to_string(&path)?;
+        config.push_str(toml);
+        std::fs::write(path, config)?;
+        Ok(())
+    }
+
     fn spawn_process(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -419,9 +428,12 @@ impl Daemon {
         Ok(count as usize)
     }
 
-    /// Polls the database every millisecond until all of `ids` have `status`.
+    /// Polls the database until all of `ids` have `status`: every millisecond
+    /// for one backend, every 5 ms for more (a burst lasts seconds, and the
+    /// polling should not load the machine it measures).
     async fn wait_all(&self, ids: &[String], status: &str, timeout: Duration) -> Result<Instant> {
         let deadline = Instant::now() + timeout;
+        let every = Duration::from_millis(if ids.len() == 1 { 1 } else { 5 });
         loop {
             if self.count_status(ids, status).await? == ids.len() {
                 return Ok(Instant::now());
@@ -435,7 +447,7 @@ impl Daemon {
                     tail(&self.log(), 40)
                 );
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            tokio::time::sleep(every).await;
         }
     }
 
@@ -941,8 +953,8 @@ async fn exit_to_record(scale: &Scale, daemon: &Daemon, raw: &Raw, findings: &mu
     findings.sections.push(s);
     findings.plane.push((
         "recording an exit".into(),
-        "a per-backend `inspect` on terminate; the exit is held in memory only".into(),
-        format!("exit code taken from the `die` event, no inspect; committed to SQLite {} after the kill (median)", ms(d.median)),
+        "a per-backend `inspect` on terminate; the exit is kept in memory only".into(),
+        format!("exit code from the `die` event, then one inspect for the exact `FinishedAt`; committed to SQLite {} after the kill (median)", ms(d.median)),
     ));
     Ok(())
 }
@@ -1037,7 +1049,7 @@ async fn restart_to_converged(
     println!("  converged in {}, {restarted} restarted, {unchanged}/{n} unchanged", ms(converged_ms));
     findings.target(
         format!("restart to converged with {n} ready backends (`kill -9`, start)"),
-        format!("{} , {restarted} containers restarted", ms(converged_ms)),
+        format!("{}, {restarted} containers restarted", ms(converged_ms)),
         format!("≤ {RESTART_TARGET_MS:.0} ms, 0 restarted"),
         converged_ms <= RESTART_TARGET_MS && restarted == 0 && unchanged == n,
     );
@@ -1279,9 +1291,14 @@ async fn idle_cost(scale: &Scale, daemon: &mut Daemon, raw: &Raw, proxy: &Proxy,
         stream.abort();
     }
     println!("  {small} Plane-style sampler: engine {:.1} ms/s", plane_small.engine_ms_per_s);
-    // Leave the backends running for the daemon's Drop to remove.
+    // drover again, its resource sampler all but off: what the rest of drover costs the engine.
+    daemon.append_config("\n[metrics]\ninterval = \"1h\"\n")?;
     daemon.spawn_process()?;
     daemon.wait_healthy(Duration::from_secs(60)).await?;
+    // Its first tick samples at once; let it pass.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let quiet_small = idle_window(window, Some(daemon.pid()), Some(proxy), Some(daemon)).await;
+    println!("  {small} drover without sampling: engine {:.1} ms/s, drover {:.1} ms/s", quiet_small.engine_ms_per_s, quiet_small.agent_ms_per_s.unwrap_or(0.0));
 
     // Docker calls per resync: everything but the sampler's stats calls and the event stream.
     let per_pass = |idle: &Idle| {
@@ -1342,6 +1359,7 @@ async fn idle_cost(scale: &Scale, daemon: &mut Daemon, raw: &Raw, proxy: &Proxy,
         ("no agent", large, &none_large),
         ("drover", small, &drover_small),
         ("no agent", small, &none_small),
+        ("drover, sampler all but off (`metrics.interval = \"1h\"`)", small, &quiet_small),
     ] {
         writeln!(
             s,
@@ -1349,7 +1367,7 @@ async fn idle_cost(scale: &Scale, daemon: &mut Daemon, raw: &Raw, proxy: &Proxy,
             idle.engine_ms_per_s,
             idle.agent_ms_per_s.map(|v| format!("{v:.2} ms/s")).unwrap_or_else(|| "–".into()),
             rss_cell(idle),
-            if label == "drover" { per_minute(idle) } else { "–".into() },
+            if label.starts_with("drover") { per_minute(idle) } else { "–".into() },
         )?;
     }
     writeln!(
@@ -1362,6 +1380,22 @@ async fn idle_cost(scale: &Scale, daemon: &mut Daemon, raw: &Raw, proxy: &Proxy,
         writeln!(s, "Reconcile passes in the windows: {large_passes:.0} with {large} backends, {small_passes:.0} with {small}.\n")?;
     }
     writeln!(s, "Docker calls per resync (all calls but the sampler's stats and the event stream, over the resync ticks in the window): {calls_large:.2} with {large} backends, {calls_small:.2} with {small}.\n")?;
+    let stats_per_s = drover_small
+        .calls
+        .iter()
+        .filter(|(endpoint, _)| endpoint.contains("/stats"))
+        .map(|(_, n)| *n)
+        .sum::<u64>() as f64
+        / drover_small.seconds;
+    let sampler_engine = drover_small.engine_ms_per_s - quiet_small.engine_ms_per_s;
+    if stats_per_s > 0.0 {
+        writeln!(
+            s,
+            "With {small} backends, the resource sampler's one-shot `stats` calls ({stats_per_s:.1} per second) cost the engine {sampler_engine:.1} ms/s (drover with and without sampling), {:.1} ms of engine CPU per call; a held `docker stats` stream costs it {:.1} ms per container per second (Plane-style less no agent).\n",
+            sampler_engine / stats_per_s,
+            (plane_small.engine_ms_per_s - none_small.engine_ms_per_s) / small as f64,
+        )?;
+    }
     findings.sections.push(s);
     findings.plane.push((
         format!("idle engine CPU with {small} backends"),
@@ -1652,7 +1686,7 @@ fn render(scale: &Scale, date: &str, machine: &str, took: Duration, findings: &F
         scale.name,
         took.as_secs_f64()
     );
-    let _ = writeln!(s, "Method: drover runs as a child process (`target/release/drover serve`, default configuration, its own temp database). Readiness is seen by polling drover's database read-only every millisecond. The raw floor is the same container (same image, environment, published port) made by this process with bollard — create, start, inspect for the port, then the same `HEAD /` probe every millisecond until the first HTTP answer — with no store and no reconciler. Each comparison alternates the two sides sample by sample (first side alternating too). Between samples every container is removed.\n");
+    let _ = writeln!(s, "Method: drover runs as a child process (`target/release/drover serve`, default configuration, its own temp database). Readiness is seen by polling drover's database read-only (every millisecond for one backend, every 5 ms in a burst). The raw floor is the same container (same image, environment, published port) made by this process with bollard — create, start, inspect for the port, then the same `HEAD /` probe every millisecond until the first HTTP answer — with no store and no reconciler. Each comparison alternates the two sides sample by sample (first side alternating too). Between samples every container is removed.\n");
     let _ = writeln!(s, "### Targets\n");
     let _ = writeln!(s, "| target | measured | required | |\n|---|---|---|---|");
     for t in &findings.targets {

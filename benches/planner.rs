@@ -494,16 +494,16 @@ fn render(date: &str, machine: &str, results: &[SizeResult]) -> Option<String> {
         .map(|(n, plan, _, live)| format!("{n}: plan {:.0}, boot read {:.0}", per(*plan, *n), per(*live, *n)))
         .collect::<Vec<_>>()
         .join("; "));
-    // Where it bends: the first size whose per-backend plan cost is 1.5× the smallest size's.
+    // Where it bends: the first size whose per-backend plan cost is twice the smallest size's.
     let base = by_n.first().map(|(n, plan, _, _)| per(*plan, *n))?;
-    let bend = by_n.iter().find(|(n, plan, _, _)| per(*plan, *n) > 1.5 * base);
+    let bend = by_n.iter().find(|(n, plan, _, _)| per(*plan, *n) > 2.0 * base);
     let _ = writeln!(s, "{}\n", match bend {
         Some((n, plan, _, _)) => format!(
             "The plan pass bends at {n} backends: {:.0} ns per backend against {base:.0} ns at {} (consistent with the rows and the observed map outgrowing the CPU caches; the work per backend is the same).",
             per(*plan, *n),
             by_n[0].0
         ),
-        None => format!("The plan pass stays linear up to {} backends (per-backend cost within 1.5× of the smallest size's).", by_n.last()?.0),
+        None => format!("The plan pass stays linear up to {} backends (per-backend cost within twice the smallest size's).", by_n.last()?.0),
     });
     if let Some((_, plan, get, live)) = by_n.iter().find(|(n, _, _, _)| *n == 10_000) {
         // A pass after one action finished re-reads one row; say ten, to be generous.

@@ -1,13 +1,13 @@
 //! Which backend rows changed since the reconciler last read them.
 //!
 //! Every store method that writes a `backends` row notes the backend's id
-//! here right after its commit; the reconciler takes the set at the start of
+//! here right after its commit ([`Store::commit_noting`]); the reconciler takes the set at the start of
 //! a pass and re-reads only those rows, instead of every live row on every
 //! wake-up. Noting after the commit is what makes this safe: a reader that
 //! took the set before a commit finds the id again on its next pass. Nothing
 //! here touches SQLite.
 
-use super::Store;
+use super::{Result, Store, StoreError};
 use crate::model::BackendName;
 use std::collections::HashSet;
 
@@ -23,19 +23,39 @@ pub struct ChangedBackends {
     all: bool,
 }
 
-impl Store {
-    /// Notes that `id`'s row changed. Call it after the write has committed.
-    pub(super) fn note_changed(&self, id: &BackendName) {
-        let mut changed = self.changed.lock().expect("changed-rows lock");
-        if changed.all {
+impl ChangedBackends {
+    fn note(&mut self, id: &BackendName) {
+        if self.all {
             return;
         }
-        if changed.ids.len() >= MAX_TRACKED {
-            changed.ids = HashSet::new();
-            changed.all = true;
+        if self.ids.len() >= MAX_TRACKED {
+            self.ids = HashSet::new();
+            self.all = true;
         } else {
-            changed.ids.insert(id.clone());
+            self.ids.insert(id.clone());
         }
+    }
+}
+
+impl Store {
+    /// Commits `tx`, then notes that `id`'s row changed — both in a task of
+    /// their own, so that a caller cancelled while the commit is under way (an
+    /// HTTP client that went away, a cancelled probe) cannot leave a committed
+    /// write un-noted, which the reconciler would then never read.
+    pub(super) async fn commit_noting(
+        &self,
+        tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+        id: &BackendName,
+    ) -> Result<()> {
+        let changed = self.changed.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            tx.commit().await?;
+            changed.lock().expect("changed-rows lock").note(&id);
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("commit task failed: {e}")))?
     }
 
     /// The backends whose row changed since the last call, and forgets them;

@@ -281,9 +281,8 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::Corrupt(format!("backend {id} vanished after insert")))?;
         let same_launch = inserted || launch::fetch_launch(&mut tx, id).await? == Some(launch);
-        tx.commit().await?;
+        self.commit_noting(tx, id).await?;
         if inserted {
-            self.note_changed(id);
             self.desired_changed.notify_one();
             self.notify_history();
         }
@@ -363,8 +362,7 @@ impl Store {
         let row = fetch_backend(&mut *tx, id)
             .await?
             .ok_or_else(|| StoreError::Corrupt(format!("backend {id} vanished")))?;
-        tx.commit().await?;
-        self.note_changed(id);
+        self.commit_noting(tx, id).await?;
         self.desired_changed.notify_one();
         Ok(TerminateOutcome::Requested(row))
     }
@@ -436,22 +434,21 @@ impl Store {
             transition.at,
         )
         .await?;
-        tx.commit().await?;
-        self.note_changed(id);
+        self.commit_noting(tx, id).await?;
         self.notify_history();
         Ok(true)
     }
 
     /// Notes that `signal` was sent to the backend's container at `at`.
     pub async fn record_signal(&self, id: &BackendName, signal: Signal, at: Millis) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query("UPDATE backends SET last_signal = ?, last_signal_at_ms = ? WHERE id = ?")
             .bind(signal.as_str())
             .bind(at)
             .bind(id.as_str())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        self.note_changed(id);
-        Ok(())
+        self.commit_noting(tx, id).await
     }
 
     /// Every transition of one backend, oldest first.

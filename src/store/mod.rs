@@ -694,11 +694,12 @@ fn decode_event(row: &SqliteRow) -> Result<EventRow> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::TerminationReason;
 
-    async fn temp_store() -> (tempfile::TempDir, Store) {
+    /// A store on a fresh database in a temp dir, for the store's unit tests.
+    pub(crate) async fn temp_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("t.db")).await.unwrap();
         (dir, store)

@@ -262,11 +262,7 @@ mod tests {
     };
     use crate::store::Transition;
 
-    async fn temp_store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("t.db")).await.unwrap();
-        (dir, store)
-    }
+    use crate::store::tests::temp_store;
 
     async fn create(store: &Store, name: &str) -> BackendName {
         let id = BackendName::parse(name).unwrap();

@@ -226,11 +226,7 @@ mod tests {
     use crate::model::{BackendState, EventSource, ExecutorSpec, TerminationKind, TerminationReason};
     use crate::store::Transition;
 
-    async fn temp_store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("t.db")).await.unwrap();
-        (dir, store)
-    }
+    use crate::store::tests::temp_store;
 
     async fn backend(store: &Store, id: &str, image: &str, at: Millis) -> BackendName {
         let id = BackendName::parse(id).unwrap();
